@@ -1,0 +1,159 @@
+"""A decoder-only pre-LN transformer LM with MoE feed-forward layers.
+
+The model knows nothing about parallelism: competesmoe.parallel applies expert parallelism to a
+built model by swapping each MoE layer's dispatcher and slicing its experts.
+
+    model = Transformer(cfg)
+    out = model(tokens, compete=[False, True, ...])   # one flag per MoE layer, or None
+    loss = lm_loss(out.logits, targets) + out.aux_loss
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from competesmoe.model.config import ModelConfig
+from competesmoe.model.moe.experts import expert_flops_per_token, init_std_out
+from competesmoe.model.moe.layer import FeedForward, MoELayer, MoEStats
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor  # [B, N, vocab]
+    aux_loss: Tensor  # sum of the MoE layers' weighted auxiliary losses (scalar)
+    moe_stats: list[MoEStats]  # one per MoE layer, in order
+
+
+def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE on the first `dims` dimensions of each head (rotate-half pairing); the rest pass."""
+
+    def __init__(self, dims: int, base: float):
+        super().__init__()
+        self.dims = dims
+        self.register_buffer("inv_freq", base ** (-torch.arange(0, dims, 2, dtype=torch.float32) / max(dims, 1)),
+                             persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [B, H, N, head_dim]
+        if self.dims == 0:
+            return x
+        pos = torch.arange(x.shape[2], device=x.device, dtype=torch.float32)
+        angles = torch.outer(pos, self.inv_freq)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        rot, rest = x[..., :self.dims], x[..., self.dims:]
+        a, b = rot.chunk(2, dim=-1)
+        return torch.cat([a * cos - b * sin, a * sin + b * cos, rest], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.attn_head_dim
+        inner = self.n_heads * self.head_dim
+        self.qkv = nn.Linear(cfg.d_model, 3 * inner, bias=False)
+        self.out = nn.Linear(inner, cfg.d_model, bias=False)
+        self.rope = RotaryEmbedding(cfg.rope_dims, cfg.rope_base)
+        nn.init.normal_(self.qkv.weight, std=cfg.d_model ** -0.5)
+        nn.init.normal_(self.out.weight, std=init_std_out(inner, cfg.n_layers))
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(self.rope(q), self.rope(k), v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(b, n, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        moe = cfg.moe
+        if cfg.is_moe_layer(layer) and moe.router != "dense":
+            self.ffn = MoELayer(moe, cfg.d_model, cfg.router_init, cfg.n_layers)
+        else:
+            hidden = moe.top_k * moe.expert_hidden
+            self.ffn = FeedForward(cfg.d_model, hidden, moe.activation, init_std_out(hidden, cfg.n_layers))
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.ffn, MoELayer)
+
+    def forward(self, x: Tensor, compete: bool) -> tuple[Tensor, Optional[Tensor], Optional[MoEStats]]:
+        x = x + self.attn(self.attn_norm(x))
+        y, aux, stats = self.ffn(self.ffn_norm(x), compete)
+        return x + y, aux, stats
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate("model")
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        nn.init.normal_(self.embed.weight, std=cfg.embed_init_std)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        else:
+            nn.init.normal_(self.head.weight, std=cfg.d_model ** -0.5)
+
+    @property
+    def moe_layers(self) -> list[MoELayer]:
+        return [b.ffn for b in self.blocks if b.is_moe]
+
+    def forward(self, tokens: Tensor, compete: Optional[Sequence[bool]] = None) -> ModelOutput:
+        """`compete[i]` asks the i-th MoE layer for a competition step (training mode only)."""
+        n_moe = len(self.moe_layers)
+        if compete is not None and len(compete) != n_moe:
+            raise ValueError(f"compete has {len(compete)} flags for {n_moe} MoE layers")
+        x = self.embed(tokens)
+        aux_total = x.new_zeros((), dtype=torch.float32)
+        stats: list[MoEStats] = []
+        moe_index = 0
+        for block in self.blocks:
+            flag = bool(compete[moe_index]) if (compete is not None and block.is_moe) else False
+            x, aux, layer_stats = block(x, flag)
+            if block.is_moe:
+                aux_total = aux_total + aux
+                stats.append(layer_stats)
+                moe_index += 1
+        return ModelOutput(self.head(self.norm(x)), aux_total, stats)
+
+    def param_counts(self) -> dict[str, int]:
+        """Total and active (used per token) parameters of the whole model, counted from the
+        config's expert counts so that an expert-parallel shard reports the full model too."""
+        expert_tensors = {id(t) for layer in self.moe_layers for t in (layer.experts.w1, layer.experts.w2)}
+        dense = sum(p.numel() for p in self.parameters() if id(p) not in expert_tensors)
+        per_expert = sum((l.experts.w1.numel() + l.experts.w2.numel()) // l.experts.num_experts
+                         for l in self.moe_layers)
+        moe = self.cfg.moe
+        return {"total": dense + per_expert * moe.num_experts, "active": dense + per_expert * moe.top_k}
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training matmul FLOPs per token (forward + backward = 3x forward) of the active
+        parameters plus causal attention scores, without competition (counted separately)."""
+        cfg = self.cfg
+        inner = cfg.n_heads * cfg.attn_head_dim
+        per_layer = 2 * (4 * cfg.d_model * inner) + 2 * 2 * inner * seq_len / 2  # projections + causal QK^T, AV
+        ffn = 0.0
+        for block in self.blocks:
+            if block.is_moe:
+                ffn += cfg.moe.top_k * expert_flops_per_token(cfg.d_model, cfg.moe.expert_hidden, cfg.moe.activation)
+                ffn += 2 * cfg.d_model * cfg.moe.num_experts  # router
+                if block.ffn.shared is not None:
+                    ffn += cfg.moe.num_shared_experts * expert_flops_per_token(cfg.d_model, cfg.moe.expert_hidden, cfg.moe.activation)
+            else:
+                ffn += cfg.moe.top_k * expert_flops_per_token(cfg.d_model, cfg.moe.expert_hidden, cfg.moe.activation)
+        forward = cfg.n_layers * per_layer + ffn + 2 * cfg.d_model * cfg.vocab_size
+        return 3.0 * forward

@@ -1,0 +1,72 @@
+"""Optimisation, schedule, logging and checkpoint cadence of a training run."""
+from dataclasses import dataclass
+from typing import Optional
+
+from competesmoe.errors import ConfigError
+
+
+@dataclass
+class RunConfig:
+    # Everything a run writes goes here: resolved config, metrics.jsonl, checkpoints, logs.
+    dir: str = "runs/default"
+    # wandb is used only when a project is named; tests and the smoke run leave it off.
+    wandb_project: Optional[str] = None
+    wandb_mode: str = "online"  # online | offline
+    # Progress display: auto (a bar in an interactive terminal, log lines otherwise) | bar | log.
+    progress: str = "auto"
+
+    def validate(self, path: str = "run") -> None:
+        if not self.dir:
+            raise ConfigError(f"{path}.dir must be set")
+        if self.wandb_mode not in ("online", "offline"):
+            raise ConfigError(f"{path}.wandb_mode must be online or offline, got '{self.wandb_mode}'")
+        if self.progress not in ("auto", "bar", "log"):
+            raise ConfigError(f"{path}.progress must be auto, bar or log, got '{self.progress}'")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    # Sequences per optimizer step summed over data-parallel ranks; micro_batch sequences go through
+    # each forward, and gradient accumulation makes up the rest.
+    global_batch: int = 64
+    micro_batch: int = 64
+    seq_len: int = 1024
+    lr: float = 2.5e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 0
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 0.1
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda
+    # auto = bf16 autocast on GPU and fp32 on CPU.
+    precision: str = "auto"  # auto | fp32 | bf16
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 20
+    ckpt_every: int = 500
+    keep_last: int = 2
+
+    def validate(self, path: str = "train") -> None:
+        for name in ("steps", "global_batch", "micro_batch", "seq_len", "log_every", "eval_every",
+                     "eval_batches", "ckpt_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{path}.{name} must be >= 1, got {getattr(self, name)}")
+        if self.global_batch % self.micro_batch:
+            raise ConfigError(f"{path}.global_batch ({self.global_batch}) must be a multiple of "
+                              f"{path}.micro_batch ({self.micro_batch})")
+        if self.lr <= 0:
+            raise ConfigError(f"{path}.lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"{path}.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"{path}.warmup_steps must be >= 0")
+        if self.grad_clip < 0:
+            raise ConfigError(f"{path}.grad_clip must be >= 0 (0 disables clipping)")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"{path}.device must be auto, cpu or cuda, got '{self.device}'")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"{path}.precision must be auto, fp32 or bf16, got '{self.precision}'")
+

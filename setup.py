@@ -1,0 +1,38 @@
+"""competesmoe: pre-training Mixture-of-Experts language models with CompeteSMoE routing."""
+from setuptools import find_packages, setup
+
+# The Triton kernels live in the top-level kernels/ folder and are installed as competesmoe.kernels.
+setup(
+    name="competesmoe",
+    version="0.1.0",
+    description="Pre-training Mixture-of-Experts LMs with CompeteSMoE routing",
+    python_requires=">=3.10",
+    packages=find_packages(include=["competesmoe", "competesmoe.*"]) + ["competesmoe.kernels"],
+    package_dir={"competesmoe.kernels": "kernels"},
+    include_package_data=True,
+    install_requires=[
+        "torch==2.13.0",
+        "triton==3.7.1",
+        # deepspeed builds no C++ ops at install when DS_BUILD_OPS=0 (the Makefile sets it).
+        "deepspeed==0.19.8",
+        "omegaconf==2.4.0",
+        "sentencepiece>=0.2,<0.3",
+        "numpy>=1.26",
+        "safetensors>=0.4",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+        "wandb>=0.17",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+        "lmeval": ["lm-eval>=0.4"],
+        # megablocks pins torch 2.7 and needs CUDA to build: install it only in an environment built for it.
+        "megablocks": ["megablocks"],
+    },
+    entry_points={
+        "console_scripts": [
+            "competesmoe-train=competesmoe.train.cli:main",
+            "competesmoe-data=competesmoe.data.cli:main",
+        ],
+    },
+)

@@ -1,0 +1,125 @@
+"""The transformer LM: reference size, configuration errors, forward behaviour."""
+import math
+
+import pytest
+import torch
+
+from competesmoe.config import load_config
+from competesmoe.errors import ConfigError
+from competesmoe.model.config import ModelConfig, MoEConfig
+from competesmoe.model.moe.layer import FeedForward, MoELayer
+from competesmoe.model.transformer import RotaryEmbedding, Transformer, lm_loss
+
+CONFIGS = __import__("pathlib").Path(__file__).resolve().parent.parent / "configs"
+
+
+def tiny(**moe):
+    return ModelConfig(vocab_size=50, d_model=16, n_layers=3, n_heads=2,
+                       moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=8, **moe))
+
+
+def test_reference_config_has_the_papers_size():
+    cfg = load_config(CONFIGS / "reference_lm.yaml")
+    m = cfg.model
+    V, d, L, E, K, h = m.vocab_size, m.d_model, m.n_layers, m.moe.num_experts, m.moe.top_k, m.moe.expert_hidden
+    inner = m.n_heads * m.head_dim
+    # Written from the architecture: untied embedding and head, per layer qkv + out projections,
+    # two LayerNorms (weight + bias), a router, E experts of 2*d*h; a final LayerNorm.
+    per_layer_shared = 3 * d * inner + inner * d + 2 * 2 * d + E * d
+    total = 2 * V * d + L * (per_layer_shared + E * 2 * d * h) + 2 * d
+    active = 2 * V * d + L * (per_layer_shared + K * 2 * d * h) + 2 * d
+    counts = Transformer(m).param_counts()
+    assert counts == {"total": total, "active": active}
+    assert 150e6 < total < 158e6 and 34e6 < active < 38e6  # "about 154M total, about 36M active"
+
+
+@pytest.mark.parametrize("override,key", [
+    ("model.moe.top_k=99", "model.moe.top_k"),
+    ("model.moe.router=nope", "model.moe.router"),
+    ("model.moe.competition.omega=1.5", "model.moe.competition.omega"),
+    ("model.moe.competition.omega=-0.1", "model.moe.competition.omega"),
+    ("model.d_model=30", "model.d_model"),
+    ("model.moe.activation=tanh", "model.moe.activation"),
+    ("model.moe.no_such_key=1", "model.moe.no_such_key"),
+    ("train.steps=many", "train.steps"),
+    ("parallel.zero_stage=3", "parallel.zero_stage"),
+])
+def test_bad_config_names_the_key(override, key):
+    base = ["model.d_model=32", "model.n_heads=4", "model.head_dim=null"]
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(CONFIGS / "reference_lm.yaml", base + [override])
+
+
+def test_build_time_validation_without_yaml():
+    with pytest.raises(ConfigError, match=r"model\.moe\.top_k"):
+        Transformer(ModelConfig(moe=MoEConfig(num_experts=4, top_k=5)))
+
+
+def test_forward_shapes_and_aux_loss():
+    torch.manual_seed(0)
+    model = Transformer(tiny(router="competesmoe"))
+    tokens = torch.randint(0, 50, (2, 7))
+    out = model(tokens, compete=[True, False, True])
+    assert out.logits.shape == (2, 7, 50)
+    assert [s.competed for s in out.moe_stats] == [True, False, True]
+    assert out.aux_loss.requires_grad and out.aux_loss.ndim == 0
+    with pytest.raises(ValueError, match="3 MoE layers"):
+        model(tokens, compete=[True])
+    model.eval()
+    assert not any(s.competed for s in model(tokens, compete=[True] * 3).moe_stats)
+
+
+def test_causal():
+    torch.manual_seed(0)
+    model = Transformer(tiny()).eval()
+    tokens = torch.randint(0, 50, (1, 9))
+    changed = tokens.clone()
+    changed[0, 6] = (changed[0, 6] + 1) % 50
+    a, b = model(tokens).logits, model(changed).logits
+    torch.testing.assert_close(a[:, :6], b[:, :6])
+    assert not torch.allclose(a[:, 6:], b[:, 6:])
+
+
+def test_moe_every_and_dense_router_and_tied_embeddings():
+    cfg = tiny()
+    cfg.moe_every = 2
+    model = Transformer(cfg)
+    assert [type(b.ffn) for b in model.blocks] == [FeedForward, MoELayer, FeedForward]
+    assert model.blocks[0].ffn.w1.weight.shape == (16, 16)  # dense FFN: top_k * expert_hidden = 16
+    dense = Transformer(tiny(router="dense"))
+    assert all(isinstance(b.ffn, FeedForward) for b in dense.blocks) and not dense.moe_layers
+    assert dense.param_counts()["total"] == dense.param_counts()["active"]
+    cfg = tiny()
+    cfg.tie_embeddings = True
+    tied = Transformer(cfg)
+    assert tied.head.weight is tied.embed.weight
+
+
+def test_rope_rotates_only_the_configured_fraction():
+    rope = RotaryEmbedding(dims=4, base=10000.0)
+    x = torch.randn(1, 1, 5, 10)
+    y = rope(x)
+    torch.testing.assert_close(y[..., 4:], x[..., 4:])
+    torch.testing.assert_close(y[:, :, 0], x[:, :, 0])  # position 0 is not rotated
+    # position 3, first frequency (1.0): the pair (x0, x2) rotates by 3 radians
+    c, s = math.cos(3.0), math.sin(3.0)
+    torch.testing.assert_close(y[0, 0, 3, 0], x[0, 0, 3, 0] * c - x[0, 0, 3, 2] * s)
+    torch.testing.assert_close(y[0, 0, 3, 2], x[0, 0, 3, 0] * s + x[0, 0, 3, 2] * c)
+    assert ModelConfig(d_model=512, n_heads=4, head_dim=82, rope_fraction=0.5).rope_dims == 40
+
+
+def test_loss_decreases_when_fitting_a_batch():
+    torch.manual_seed(0)
+    model = Transformer(tiny(router="competesmoe"))
+    tokens = torch.randint(0, 50, (4, 12))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(30):
+        out = model(tokens[:, :-1], compete=[step % 3 == 0] * 3)
+        loss = lm_loss(out.logits, tokens[:, 1:])
+        (loss + out.aux_loss).backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert lm_loss(torch.zeros(1, 1, 50), torch.tensor([[3]])).item() == pytest.approx(math.log(50))
