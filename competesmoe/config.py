@@ -32,6 +32,8 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self, path: str = "") -> None:
+        if self.model.vocab_size is None:
+            self.model.vocab_size = self.data.vocab_size
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if hasattr(value, "validate"):

@@ -26,8 +26,9 @@ class DataConfig:
             raise ConfigError(f"{path}.sources is empty")
         if self.tokenizer not in ("bpe", "unigram"):
             raise ConfigError(f"{path}.tokenizer must be 'bpe' or 'unigram', got '{self.tokenizer}'")
-        if self.vocab_size < 64:
-            raise ConfigError(f"{path}.vocab_size must be >= 64, got {self.vocab_size}")
+        if self.vocab_size < 320:
+            # byte fallback alone takes 256 ids, plus the special tokens and the merges
+            raise ConfigError(f"{path}.vocab_size must be >= 320, got {self.vocab_size}")
         if not 0.0 < self.val_fraction < 0.5:
             raise ConfigError(f"{path}.val_fraction must be in (0, 0.5), got {self.val_fraction}")
         if self.tokenizer_train_chars <= 0:

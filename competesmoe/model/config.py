@@ -115,7 +115,8 @@ class MoEConfig:
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 8000
+    # None = the tokenizer's size (data.vocab_size) when built from a run config.
+    vocab_size: Optional[int] = None
     d_model: int = 512
     n_layers: int = 16
     n_heads: int = 4
@@ -133,6 +134,8 @@ class ModelConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def validate(self, path: str = "model") -> None:
+        if self.vocab_size is None:
+            raise ConfigError(f"{path}.vocab_size is not set")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "moe_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{path}.{name} must be >= 1, got {getattr(self, name)}")

@@ -1,0 +1,5 @@
+import sys
+
+from competesmoe.train.cli import main
+
+sys.exit(main())

