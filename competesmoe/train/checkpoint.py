@@ -113,7 +113,10 @@ class Checkpointer:
         return done[-1] if done else None
 
     # -- save -----------------------------------------------------------------------------------
-    def save(self, step: int, model: torch.nn.Module, engine, trainer_state: dict) -> Path:
+    def save(self, step: int, model: torch.nn.Module, engine, trainer_state: dict,
+             tokenizer=None) -> Path:
+        """Collective: every rank calls it. `tokenizer` is stored in the checkpoint (by rank 0)
+        so that a checkpoint alone is enough for evaluation."""
         mesh = self.mesh
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f"step_{step:08d}.tmp"
@@ -134,9 +137,9 @@ class Checkpointer:
             tensors[key] = tensor.detach().to("cpu").contiguous()
             index[key] = {"tensor": f"{kind}/{name}", "start": start, "file": file_name}
 
-        for name, param in model.named_parameters():
+        for name, tensor in engine.param_tensors().items():
             if _owned(name, rows, mesh):
-                put("model", name, param)
+                put("model", name, tensor)
         for name, state in engine.state_tensors().items():
             if _owned(name, rows, mesh):
                 for k, v in state.items():
@@ -156,8 +159,12 @@ class Checkpointer:
                            layout={"world": mesh.world, "ep": mesh.ep}, optimizer=engine.scalar_state())
             _write_atomic(tmp / "trainer.json", json.dumps(trainer, indent=1))
             files = {r["file"]: {"size": r["size"], "checksum": r["checksum"]} for r in records}
-            files["trainer.json"] = {"size": (tmp / "trainer.json").stat().st_size,
-                                     "checksum": _checksum(tmp / "trainer.json")}
+            extra = ["trainer.json"]
+            if tokenizer is not None:
+                tokenizer.save(tmp / "tokenizer.model")
+                extra.append("tokenizer.model")
+            for name in extra:
+                files[name] = {"size": (tmp / name).stat().st_size, "checksum": _checksum(tmp / name)}
             merged_index = {k: v for r in records for k, v in r["index"].items()}
             _write_atomic(tmp / "COMMIT.json", json.dumps({"step": step, "files": files, "index": merged_index}))
             _fsync_dir(tmp)
@@ -175,81 +182,131 @@ class Checkpointer:
         for old in self.complete()[:-self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
-    # -- load -----------------------------------------------------------------------------------
+    # -- load ----------------------------------------------------------------------------------
     def load(self, path: Path, model: torch.nn.Module, engine) -> dict:
         """Load parameters and optimizer state into this rank's model and engine; returns the
         trainer state. Every file this rank reads is checked against the commit record."""
-        path = Path(path)
-        commit_file = path / "COMMIT.json"
-        if not commit_file.is_file():
-            raise CheckpointError(f"{path} is not a complete checkpoint (no COMMIT.json)")
-        commit = json.loads(commit_file.read_text())
-        verified: set[str] = set()
-
-        def open_file(name: str):
-            file = path / name
-            expected = commit["files"].get(name)
-            if expected is None or not file.is_file():
-                raise CheckpointError(f"checkpoint {path}: file {name} is missing")
-            if name not in verified:
-                size = file.stat().st_size
-                if size != expected["size"]:
-                    raise CheckpointError(f"checkpoint {path}: {name} has {size} bytes, the commit "
-                                          f"record says {expected['size']} (truncated or overwritten)")
-                if _checksum(file) != expected["checksum"]:
-                    raise CheckpointError(f"checkpoint {path}: {name} fails its checksum (corrupt)")
-                verified.add(name)
-            return file
-
-        trainer = json.loads(open_file("trainer.json").read_text())
-        pieces: dict[str, list[dict]] = {}
-        for key, entry in commit["index"].items():
-            pieces.setdefault(entry["tensor"], []).append(dict(entry, key=key))
-
+        reader = CheckpointReader(path)
+        params = reader.model_tensors(model)
         rows = expert_rows(model)
-        handles: dict[str, Any] = {}
-
-        def read(tensor_name: str, like: torch.Tensor, name: str) -> torch.Tensor:
-            found = pieces.get(tensor_name)
-            if not found:
-                raise CheckpointError(f"checkpoint {path} has no tensor '{tensor_name}': it was written "
-                                      "by a different model")
-            parts = []
-            want_start, want_end = rows.get(name, (None, None))
-            for piece in sorted(found, key=lambda e: e["start"] or 0):
-                if piece["file"] not in handles:
-                    handles[piece["file"]] = safe_open(str(open_file(piece["file"])), "pt")
-                sl = handles[piece["file"]].get_slice(piece["key"])
-                if want_start is None:
-                    parts.append(sl[:])
-                    continue
-                start, n = piece["start"], sl.get_shape()[0]
-                lo, hi = max(start, want_start), min(start + n, want_end)
-                if lo < hi:
-                    parts.append(sl[lo - start:hi - start])
-            value = torch.cat(parts) if len(parts) > 1 else parts[0]
-            if value.shape != like.shape:
-                raise CheckpointError(f"checkpoint {path}: tensor '{tensor_name}' has shape "
-                                      f"{tuple(value.shape)}, the model expects {tuple(like.shape)} "
-                                      "(a checkpoint of a different model shape)")
-            return value
-
-        expected_names = {n for n, _ in model.named_parameters()}
-        saved_names = {t.split("/", 1)[1] for t in pieces if t.startswith("model/")}
-        extra = sorted(saved_names - expected_names)
-        if extra:
-            raise CheckpointError(f"checkpoint {path} has tensors this model lacks, e.g. '{extra[0]}' "
-                                  "(a checkpoint of a different model)")
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                param.copy_(read(f"model/{name}", param, name))
         optim_state: dict[str, dict[str, torch.Tensor]] = {}
         for name, param in model.named_parameters():
-            keys = [t for t in (f"optim.exp_avg/{name}", f"optim.exp_avg_sq/{name}") if t in pieces]
+            keys = [k for k in ("exp_avg", "exp_avg_sq") if reader.has(f"optim.{k}/{name}")]
             if keys:
-                optim_state[name] = {t.split("/", 1)[0][len("optim."):]: read(t, param, name) for t in keys}
-        engine.load_state(optim_state, trainer["optimizer"])
+                optim_state[name] = {k: reader.read(f"optim.{k}/{name}", param.shape, rows.get(name)) for k in keys}
+        engine.load_state(params, optim_state, reader.trainer["optimizer"])
         rng = f"rng/torch@{self.mesh.rank}"
-        if rng in pieces:
-            torch.set_rng_state(read(rng, torch.get_rng_state(), rng))
-        return trainer
+        if reader.has(rng):
+            torch.set_rng_state(reader.read(rng))
+        return reader.trainer
+
+
+class CheckpointReader:
+    """Reads tensors of a committed checkpoint by logical name and global expert rows, checking
+    each file it opens against the commit record."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        commit_file = self.path / "COMMIT.json"
+        if not commit_file.is_file():
+            raise CheckpointError(f"{self.path} is not a complete checkpoint (no COMMIT.json)")
+        self.commit = json.loads(commit_file.read_text())
+        self._verified: set[str] = set()
+        self._handles: dict[str, Any] = {}
+        self.pieces: dict[str, list[dict]] = {}
+        for key, entry in self.commit["index"].items():
+            self.pieces.setdefault(entry["tensor"], []).append(dict(entry, key=key))
+        self.trainer = json.loads(self._checked("trainer.json").read_text())
+
+    def _checked(self, name: str) -> Path:
+        file = self.path / name
+        expected = self.commit["files"].get(name)
+        if expected is None or not file.is_file():
+            raise CheckpointError(f"checkpoint {self.path}: file {name} is missing")
+        if name not in self._verified:
+            size = file.stat().st_size
+            if size != expected["size"]:
+                raise CheckpointError(f"checkpoint {self.path}: {name} has {size} bytes, the commit "
+                                      f"record says {expected['size']} (truncated or overwritten)")
+            if _checksum(file) != expected["checksum"]:
+                raise CheckpointError(f"checkpoint {self.path}: {name} fails its checksum (corrupt)")
+            self._verified.add(name)
+        return file
+
+    def has(self, tensor: str) -> bool:
+        return tensor in self.pieces
+
+    def tensor_names(self) -> list[str]:
+        return sorted(self.pieces)
+
+    def read(self, tensor: str, shape: Optional[torch.Size] = None,
+             rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """The whole tensor, or global expert rows [start, end) of an expert tensor."""
+        found = self.pieces.get(tensor)
+        if not found:
+            raise CheckpointError(f"checkpoint {self.path} has no tensor '{tensor}': it was written "
+                                  "by a different model")
+        parts = []
+        for piece in sorted(found, key=lambda e: e["start"] or 0):
+            if piece["file"] not in self._handles:
+                self._handles[piece["file"]] = safe_open(str(self._checked(piece["file"])), "pt")
+            sl = self._handles[piece["file"]].get_slice(piece["key"])
+            if rows is None or piece["start"] is None:
+                parts.append(sl[:])
+                continue
+            start, n = piece["start"], sl.get_shape()[0]
+            lo, hi = max(start, rows[0]), min(start + n, rows[1])
+            if lo < hi:
+                parts.append(sl[lo - start:hi - start])
+        if not parts:
+            raise CheckpointError(f"checkpoint {self.path}: no rows {rows} of '{tensor}'")
+        value = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if shape is not None and value.shape != shape:
+            raise CheckpointError(f"checkpoint {self.path}: tensor '{tensor}' has shape "
+                                  f"{tuple(value.shape)}, the model expects {tuple(shape)} "
+                                  "(a checkpoint of a different model shape)")
+        return value
+
+    def model_tensors(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The saved value of each of `model`'s parameters (this rank's experts only, under
+        expert parallelism); a tensor missing on either side or of another shape fails."""
+        expected = {n for n, _ in model.named_parameters()}
+        saved = {t.split("/", 1)[1] for t in self.pieces if t.startswith("model/")}
+        if saved - expected:
+            raise CheckpointError(f"checkpoint {self.path} has tensors this model lacks, e.g. "
+                                  f"'{sorted(saved - expected)[0]}' (a checkpoint of a different model)")
+        rows = expert_rows(model)
+        return {name: self.read(f"model/{name}", p.shape, rows.get(name)) for name, p in model.named_parameters()}
+
+    def load_model(self, model: torch.nn.Module) -> None:
+        with torch.no_grad():
+            for name, value in self.model_tensors(model).items():
+                model.get_parameter(name).copy_(value)
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint directory, a run directory (its latest checkpoint) or a checkpoints root."""
+    path = Path(path)
+    if (path / "COMMIT.json").is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        latest = Checkpointer(root, Mesh(world=1, rank=0, ep=1, device=torch.device("cpu")), 1).latest()
+        if latest is not None:
+            return latest
+    raise CheckpointError(f"no complete checkpoint at {path} (expected a run directory, its "
+                          "checkpoints/ folder, or a step_* directory with a COMMIT.json)")
+
+
+def load_for_inference(path: Path, device: str | torch.device = "cpu"):
+    """(config, model in eval mode, tokenizer) from a checkpoint or run directory, on one device,
+    whatever layout wrote it."""
+    from competesmoe.config import from_dict
+    from competesmoe.data.tokenizer import Tokenizer
+    from competesmoe.model.transformer import Transformer
+
+    reader = CheckpointReader(resolve_checkpoint(path))
+    cfg = from_dict(reader.trainer["config"])
+    model = Transformer(cfg.model)
+    reader.load_model(model)
+    tokenizer = Tokenizer.load(reader._checked("tokenizer.model"))
+    return cfg, model.to(device).eval(), tokenizer

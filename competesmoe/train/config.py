@@ -27,10 +27,10 @@ class RunConfig:
 @dataclass
 class TrainConfig:
     steps: int = 1000
-    # Sequences per optimizer step summed over data-parallel ranks; micro_batch sequences go through
-    # each forward, and gradient accumulation makes up the rest.
+    # Sequences per optimizer step summed over data-parallel ranks. Each rank runs its share in
+    # forwards of micro_batch sequences and accumulates gradients (None = its whole share at once).
     global_batch: int = 64
-    micro_batch: int = 64
+    micro_batch: Optional[int] = None
     seq_len: int = 1024
     lr: float = 2.5e-4
     min_lr_ratio: float = 0.1
@@ -50,13 +50,12 @@ class TrainConfig:
     keep_last: int = 2
 
     def validate(self, path: str = "train") -> None:
-        for name in ("steps", "global_batch", "micro_batch", "seq_len", "log_every", "eval_every",
+        if self.micro_batch is not None and self.micro_batch < 1:
+            raise ConfigError(f"{path}.micro_batch must be >= 1 (or null), got {self.micro_batch}")
+        for name in ("steps", "global_batch", "seq_len", "log_every", "eval_every",
                      "eval_batches", "ckpt_every", "keep_last"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{path}.{name} must be >= 1, got {getattr(self, name)}")
-        if self.global_batch % self.micro_batch:
-            raise ConfigError(f"{path}.global_batch ({self.global_batch}) must be a multiple of "
-                              f"{path}.micro_batch ({self.micro_batch})")
         if self.lr <= 0:
             raise ConfigError(f"{path}.lr must be > 0, got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

@@ -55,6 +55,11 @@ class TorchEngine:
         loss.backward()
 
     def _reduce_gradients(self) -> None:
+        # Every rank must reduce the same tensors in the same order: a gradient that is None
+        # here (a parameter unused in this step) joins as zeros.
+        for _, p in self.named:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         for is_expert in (False, True):
             grads = [p.grad for n, p in self.named if p.grad is not None and is_expert_param(n) == is_expert]
             if not grads:
@@ -66,9 +71,13 @@ class TorchEngine:
             for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
                 g.copy_(reduced)
 
-    def step(self, lr: float) -> float:
-        """Reduce, clip to cfg.grad_clip (0 = off), update with `lr`; returns the gradient norm
-        before clipping."""
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def step(self) -> float:
+        """Reduce, clip to cfg.grad_clip (0 = off), update; returns the gradient norm before
+        clipping."""
         if self.mesh.distributed:
             self._reduce_gradients()
         norm = grad_norm(self.named, self.mesh)
@@ -77,14 +86,15 @@ class TorchEngine:
             for _, p in self.named:
                 if p.grad is not None:
                     p.grad.mul_(scale.to(p.grad.dtype))
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         value = norm.item()
         return value if math.isfinite(value) else float("nan")
 
     # -- state, by parameter name -------------------------------------------------------------
+    def param_tensors(self) -> dict[str, torch.Tensor]:
+        return {name: p for name, p in self.named}
+
     def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         out = {}
         for p, state in self.optimizer.state.items():
@@ -95,9 +105,13 @@ class TorchEngine:
         steps = {self.name_of[id(p)]: float(s["step"]) for p, s in self.optimizer.state.items()}
         return {"adam_step": max(steps.values()) if steps else 0.0}
 
-    def load_state(self, tensors: dict[str, dict[str, torch.Tensor]], scalars: dict) -> None:
+    def load_state(self, params: dict[str, torch.Tensor], states: dict[str, dict[str, torch.Tensor]],
+                   scalars: dict) -> None:
         by_name = dict(self.named)
-        for name, state in tensors.items():
+        with torch.no_grad():
+            for name, p in self.named:
+                p.copy_(params[name])
+        for name, state in states.items():
             p = by_name[name]
             self.optimizer.state[p] = {
                 "step": torch.tensor(scalars["adam_step"], dtype=torch.float32),

@@ -138,7 +138,8 @@ def evaluate(model, tokens, cfg: Config, mesh: Mesh, autocast) -> float:
     """Mean next-token loss over the first train.eval_batches validation batches."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=mesh.device)
-    for inputs, targets in val_batches(tokens, cfg.train.seq_len, cfg.train.micro_batch, cfg.train.eval_batches,
+    batch = cfg.train.micro_batch or cfg.train.global_batch // mesh.world
+    for inputs, targets in val_batches(tokens, cfg.train.seq_len, batch, cfg.train.eval_batches,
                                        mesh.rank, mesh.world):
         inputs, targets = inputs.to(mesh.device), targets.to(mesh.device)
         with autocast():
@@ -166,7 +167,7 @@ def train(cfg: Config) -> TrainResult:
     mesh = init_mesh(cfg.parallel.ep, cfg.model.moe.num_experts, cfg.train.device)
     tc = cfg.train
     per_rank = tc.global_batch // mesh.world
-    if tc.global_batch % mesh.world or per_rank % tc.micro_batch:
+    if tc.global_batch % mesh.world or per_rank % (tc.micro_batch or per_rank):
         raise ConfigError(f"train.global_batch={tc.global_batch} must split into {mesh.world} ranks x "
                           f"whole micro-batches of train.micro_batch={tc.micro_batch}")
     run_dir = Path(cfg.run.dir)
@@ -184,7 +185,9 @@ def train(cfg: Config) -> TrainResult:
     # experts, so the initial weights do not depend on the layout.
     torch.manual_seed(cfg.seed)
     model = parallelize(Transformer(cfg.model), mesh)
-    engine = build_engine(model, cfg, mesh)
+    micro = tc.micro_batch or per_rank
+    n_micro = per_rank // micro
+    engine = build_engine(model, cfg, mesh, n_micro)
     counts = model.param_counts()
     schedule = CompetitionSchedule(cfg.seed, len(model.moe_layers), tc.steps,
                                    **_schedule_args(cfg))
@@ -208,7 +211,6 @@ def train(cfg: Config) -> TrainResult:
 
     metrics = MetricsWriter(run_dir, cfg.run, tc.steps, step, to_dict(cfg)) if mesh.is_main else None
     routing = RoutingLog(len(model.moe_layers))
-    n_micro = per_rank // tc.micro_batch
     val_loss: Optional[float] = None
     window = _new_window()
 
@@ -220,6 +222,7 @@ def train(cfg: Config) -> TrainResult:
     with _StopFlag() as stop:
         while step < tc.steps:
             lr = lr_at(step, tc)
+            engine.set_lr(lr)
             compete = schedule.competes(step)
             inputs, targets = loader.next_batch()
             inputs, targets = inputs.to(mesh.device), targets.to(mesh.device)
@@ -233,7 +236,7 @@ def train(cfg: Config) -> TrainResult:
                 step_loss += loss.detach() / n_micro
                 step_aux += out.aux_loss.detach() / n_micro
                 routing.add(out.moe_stats)
-            grad_norm = engine.step(lr)
+            grad_norm = engine.step()
             step += 1
             window["loss"] += step_loss
             window["aux"] += step_aux
@@ -271,7 +274,7 @@ def train(cfg: Config) -> TrainResult:
 
             stopped = stop.agreed(mesh)
             if step % tc.ckpt_every == 0 or step == tc.steps or stopped:
-                path = checkpointer.save(step, model, engine, trainer_state())
+                path = checkpointer.save(step, model, engine, trainer_state(), data.tokenizer)
                 if metrics:
                     metrics.message(f"checkpoint: {path}")
             if stopped:

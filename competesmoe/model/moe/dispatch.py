@@ -12,7 +12,7 @@ with all-to-all and all-gather.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -25,6 +25,7 @@ class Dispatched:
     order: Tensor  # permutation of the flattened (token, slot) pairs that sorts them by expert
     num_tokens: int
     top_k: int
+    exchange: Any = None  # what a distributed dispatcher needs to route the results back
 
 
 def sort_by_expert(indices: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:

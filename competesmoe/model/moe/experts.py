@@ -59,6 +59,12 @@ class Experts(nn.Module):
         nn.init.normal_(self.w1, std=d_model ** -0.5)
         nn.init.normal_(self.w2, std=out_init_std)
 
+    def shard(self, start: int, end: int) -> None:
+        """Keep only global experts [start, end) (expert parallelism)."""
+        self.w1 = nn.Parameter(self.w1.detach()[start - self.first_expert:end - self.first_expert].clone())
+        self.w2 = nn.Parameter(self.w2.detach()[start - self.first_expert:end - self.first_expert].clone())
+        self.num_experts, self.first_expert = end - start, start
+
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts} (global ids {self.first_expert}.."
                 f"{self.first_expert + self.num_experts - 1}), d={self.d_model}, h={self.hidden}, act={self.activation}")
@@ -88,7 +94,9 @@ def _padded_grouped_mm(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
     ends = offsets.long()
     counts = torch.diff(ends, prepend=ends.new_zeros(1))
     if x.shape[0] == 0:
-        return x.new_zeros(0, w.shape[-1])
+        # stay in the autograd graph: under expert parallelism a rank that receives no tokens
+        # must still take part in the backward's collectives
+        return x @ w[0]
     group = torch.repeat_interleave(torch.arange(num_groups, device=x.device), counts, output_size=x.shape[0])
     row = torch.arange(x.shape[0], device=x.device) - (ends - counts)[group]
     max_rows = int(counts.max())

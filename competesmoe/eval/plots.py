@@ -1,0 +1,213 @@
+"""`competesmoe-plot`: figures (PNG) of training runs from their metrics.jsonl and routing reports.
+
+    competesmoe-plot RUN_DIR [RUN_DIR ...] --out DIR [--routing REPORT.json ...]
+
+writes to DIR
+  loss.png                      training and validation loss of all runs on one figure;
+  <run>_expert_load.png         per MoE layer, the load of each expert over the logged steps (heatmap);
+  <run>_competition.png         competing layers per step, s mean and std, entropy of softmax(s),
+                                router/competition agreement over steps (runs that competed);
+  <report>_over_checkpoints.png  from a `competesmoe-eval routing --out REPORT.json` report: expert
+                                change rate between consecutive checkpoints, load imbalance and
+                                forced-competition agreement per checkpoint.
+Figures are drawn with matplotlib's object API on the Agg canvas (no display, no global backend).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from competesmoe.errors import CompeteSMoEError
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise CompeteSMoEError(f"{run_dir} has no metrics.jsonl (is it a run directory?)")
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut short by a crash
+    return records
+
+
+def run_names(run_dirs: Sequence[Path]) -> list[str]:
+    """Each run's directory name, or its path with / replaced when names repeat."""
+    names = [Path(r).name for r in run_dirs]
+    if len(set(names)) == len(names):
+        return names
+    return [str(Path(r)).strip("/").replace("/", "_") for r in run_dirs]
+
+
+def _series(records: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def _routing_records(records: Sequence[dict]) -> list[dict]:
+    return [r for r in records if r.get("routing")]
+
+
+def _layer_series(records: Sequence[dict], key: str) -> tuple[list[int], np.ndarray]:
+    """Steps and a [steps, layers] array of a per-layer routing statistic (NaN where a layer did
+    not compete in that window)."""
+    rows = _routing_records(records)
+    values = np.array([[np.nan if v is None else v for v in r["routing"][key]] for r in rows], dtype=float)
+    return [r["step"] for r in rows], values
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def plot_losses(runs: dict[str, list[dict]], path: Path) -> Path:
+    fig = Figure(figsize=(11, 4))
+    train_ax, val_ax = fig.subplots(1, 2)
+    for name, records in runs.items():
+        train_ax.plot(*_series(records, "loss"), label=name, linewidth=1)
+        val_ax.plot(*_series(records, "val_loss"), marker="o", label=name)
+    for ax, title in ((train_ax, "training loss"), (val_ax, "validation loss")):
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    train_ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def plot_expert_load(records: Sequence[dict], path: Path, title: str) -> Optional[Path]:
+    rows = _routing_records(records)
+    if not rows:
+        return None
+    steps = [r["step"] for r in rows]
+    load = np.array([r["routing"]["load"] for r in rows], dtype=float)  # [steps, layers, experts]
+    n_layers, n_experts = load.shape[1], load.shape[2]
+    # Each column is centred on its step (the logged window ending there).
+    half = (steps[-1] - steps[0]) / (2 * (len(steps) - 1)) if len(steps) > 1 else 0.5
+    fig = Figure(figsize=(10, 2.2 * n_layers + 0.6))
+    axes = np.atleast_1d(fig.subplots(n_layers, 1, sharex=True))
+    image = None
+    for layer, ax in enumerate(axes):
+        image = ax.imshow(load[:, layer, :].T, aspect="auto", origin="lower", cmap="viridis", vmin=0,
+                          vmax=max(float(load.max()), 1e-9), interpolation="nearest",
+                          extent=(steps[0] - half, steps[-1] + half, -0.5, n_experts - 0.5))
+        ax.set_ylabel(f"layer {layer}\nexpert")
+    axes[-1].set_xlabel("step")
+    fig.colorbar(image, ax=list(axes), label="fraction of assignments")
+    fig.suptitle(f"{title}: expert load per MoE layer")
+    return _save(fig, path)
+
+
+def plot_competition(records: Sequence[dict], path: Path, title: str) -> Optional[Path]:
+    """None when the run never competed (not CompeteSMoE, or competition switched off)."""
+    competing = _series(records, "competing_layers")
+    if not any(competing[1]):
+        return None
+    fig = Figure(figsize=(11, 7))
+    (count_ax, s_ax), (entropy_ax, agree_ax) = fig.subplots(2, 2, sharex=True)
+    count_ax.plot(*competing, linewidth=1)
+    count_ax.set_title("competing layers per step")
+    steps, s_mean = _layer_series(records, "s_mean")
+    _, s_std = _layer_series(records, "s_std")
+    _, entropy = _layer_series(records, "s_entropy")
+    _, agreement = _layer_series(records, "agreement")
+    for layer in range(s_mean.shape[1]):
+        shown = ~np.isnan(s_mean[:, layer])
+        x = np.array(steps)[shown]
+        line, = s_ax.plot(x, s_mean[shown, layer], marker=".", label=f"layer {layer}")
+        s_ax.fill_between(x, (s_mean - s_std)[shown, layer], (s_mean + s_std)[shown, layer],
+                          color=line.get_color(), alpha=0.2)
+        entropy_ax.plot(x, entropy[shown, layer], marker=".")
+        agree_ax.plot(x, agreement[shown, layer], marker=".")
+    s_ax.set_title("neural response s: mean ± std")
+    entropy_ax.set_title("entropy of softmax(s)")
+    agree_ax.set_title("router / competition agreement |T^R ∩ T^C| / K")
+    s_ax.legend(fontsize="small")
+    for ax in (count_ax, s_ax, entropy_ax, agree_ax):
+        ax.grid(alpha=0.3)
+    for ax in (entropy_ax, agree_ax):
+        ax.set_xlabel("step")
+    fig.suptitle(f"{title}: competition statistics (logged windows in which a layer competed)")
+    return _save(fig, path)
+
+
+def plot_routing_report(report: dict, path: Path, title: str) -> Path:
+    checkpoints = report["checkpoints"]
+    has_competition = any(c["competition"] for c in checkpoints)
+    fig = Figure(figsize=(5.5 * (3 if has_competition else 2), 4))
+    axes = fig.subplots(1, 3 if has_competition else 2)
+    ecr_ax, load_ax = axes[0], axes[1]
+    rates = report["change_rate"]
+    n_layers = len(checkpoints[0]["load"]) if checkpoints else 0
+    for layer in range(n_layers):
+        line, = ecr_ax.plot([r["to"] for r in rates], [r["top1"][layer] for r in rates], marker="o",
+                            label=f"layer {layer} top-1")
+        ecr_ax.plot([r["to"] for r in rates], [r["topk"][layer] for r in rates], marker="s", linestyle="--",
+                    color=line.get_color(), label=f"layer {layer} top-K")
+        load_ax.plot([c["step"] for c in checkpoints], [c["load_max_over_mean"][layer] for c in checkpoints],
+                     marker="o", label=f"layer {layer}")
+        if has_competition:
+            axes[2].plot([c["step"] for c in checkpoints], [c["competition"]["agreement"][layer] for c in checkpoints],
+                         marker="o", label=f"layer {layer}")
+    ecr_ax.set_title("expert change rate since the previous checkpoint")
+    load_ax.set_title("load imbalance (max / mean expert load)")
+    if has_competition:
+        axes[2].set_title("forced-competition agreement")
+    for ax in axes:
+        ax.set_xlabel("checkpoint step")
+        ax.grid(alpha=0.3)
+    ecr_ax.legend(fontsize="x-small")
+    fig.suptitle(f"{title}: routing on {report.get('eval_tokens', 0):,} validation tokens", y=1.04)
+    return _save(fig, path)
+
+
+def plot_runs(run_dirs: Sequence[Path], out: Path, routing_reports: Sequence[Path] = (),
+              log: Callable[[str], None] = print) -> list[Path]:
+    """Every figure of the module docstring; returns the files written."""
+    runs = {name: read_metrics(d) for name, d in zip(run_names(run_dirs), run_dirs)}
+    written = [plot_losses(runs, out / "loss.png")]
+    for name, records in runs.items():
+        for kind, plot in (("expert_load", plot_expert_load), ("competition", plot_competition)):
+            figure = plot(records, out / f"{name}_{kind}.png", name)
+            if figure is None:
+                log(f"competesmoe-plot: {name} has no {kind.replace('_', ' ')} statistics to plot")
+            else:
+                written.append(figure)
+    for report_path in routing_reports:
+        try:
+            report = json.loads(Path(report_path).read_text())
+        except (OSError, ValueError) as err:
+            raise CompeteSMoEError(f"cannot read the routing report {report_path}: {err}") from None
+        written.append(plot_routing_report(report, out / f"{Path(report_path).stem}_over_checkpoints.png",
+                                           Path(report_path).stem))
+    return written
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="competesmoe-plot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories (with metrics.jsonl)")
+    parser.add_argument("--out", type=Path, required=True, help="directory for the PNG files")
+    parser.add_argument("--routing", nargs="+", type=Path, default=[],
+                        help="routing reports written by `competesmoe-eval routing --out`")
+    args = parser.parse_args(argv)
+    try:
+        written = plot_runs(args.runs, args.out, args.routing)
+    except CompeteSMoEError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

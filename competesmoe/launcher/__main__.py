@@ -1,0 +1,5 @@
+import sys
+
+from competesmoe.launcher.cli import main
+
+sys.exit(main())
