@@ -33,6 +33,7 @@ setup(
         "console_scripts": [
             "competesmoe-train=competesmoe.train.cli:main",
             "competesmoe-data=competesmoe.data.cli:main",
+            "competesmoe-ckpt=competesmoe.train.ckpt_cli:main",
         ],
     },
 )

@@ -233,6 +233,25 @@ class CheckpointReader:
             self._verified.add(name)
         return file
 
+    def _slice(self, piece: dict):
+        if piece["file"] not in self._handles:
+            self._handles[piece["file"]] = safe_open(str(self._checked(piece["file"])), "pt")
+        return self._handles[piece["file"]].get_slice(piece["key"])
+
+    def full_shape(self, tensor: str) -> tuple[int, ...]:
+        """The shape of the whole tensor: expert tensors' pieces stack along the expert dim."""
+        shapes = [self._slice(p).get_shape() for p in self.pieces[tensor]]
+        return (sum(s[0] for s in shapes), *shapes[0][1:]) if len(shapes) > 1 else tuple(shapes[0])
+
+    def dtype(self, tensor: str) -> str:
+        return self._slice(self.pieces[tensor][0]).get_dtype()
+
+    def verify_all(self) -> list[str]:
+        """Check every file of the checkpoint against the commit record."""
+        for name in sorted(self.commit["files"]):
+            self._checked(name)
+        return sorted(self.commit["files"])
+
     def has(self, tensor: str) -> bool:
         return tensor in self.pieces
 
@@ -248,9 +267,7 @@ class CheckpointReader:
                                   "by a different model")
         parts = []
         for piece in sorted(found, key=lambda e: e["start"] or 0):
-            if piece["file"] not in self._handles:
-                self._handles[piece["file"]] = safe_open(str(self._checked(piece["file"])), "pt")
-            sl = self._handles[piece["file"]].get_slice(piece["key"])
+            sl = self._slice(piece)
             if rows is None or piece["start"] is None:
                 parts.append(sl[:])
                 continue
@@ -310,3 +327,20 @@ def load_for_inference(path: Path, device: str | torch.device = "cpu"):
     reader.load_model(model)
     tokenizer = Tokenizer.load(reader._checked("tokenizer.model"))
     return cfg, model.to(device).eval(), tokenizer
+
+
+def export_consolidated(reader: CheckpointReader, out: Path) -> list[Path]:
+    """One safetensors file with every parameter whole (experts by global id), plus the model's
+    config and the tokenizer: what evaluation and inference need, independent of the layout."""
+    from competesmoe.config import from_dict, to_yaml
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {name.split("/", 1)[1]: reader.read(name).contiguous()
+               for name in reader.tensor_names() if name.startswith("model/")}
+    cfg = from_dict(reader.trainer["config"])
+    files = [out / "model.safetensors", out / "config.yaml", out / "tokenizer.model"]
+    save_file(tensors, str(files[0]), metadata={"step": str(reader.trainer["step"]), "format": "competesmoe"})
+    files[1].write_text(to_yaml(cfg))
+    shutil.copyfile(reader._checked("tokenizer.model"), files[2])
+    return files

@@ -1,0 +1,71 @@
+"""`competesmoe-ckpt`: look inside a checkpoint, verify it, export a consolidated model.
+
+    competesmoe-ckpt inspect RUN_DIR_OR_CHECKPOINT        step, layout, config, tensors and sizes
+    competesmoe-ckpt verify  RUN_DIR_OR_CHECKPOINT        check every file against its checksum
+    competesmoe-ckpt export  RUN_DIR_OR_CHECKPOINT OUT    OUT/model.safetensors + config.yaml +
+                                                          tokenizer.model, for evaluation/inference
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from competesmoe.errors import CompeteSMoEError
+
+
+def _inspect(reader) -> None:
+    trainer = reader.trainer
+    cfg = trainer["config"]
+    print(f"checkpoint: {reader.path}")
+    print(f"step: {trainer['step']}   layout at save: world={trainer['layout']['world']}, "
+          f"ep={trainer['layout']['ep']}   format: {trainer['format_version']}")
+    params = trainer.get("params", {})
+    if params:
+        print(f"parameters: {params['total'] / 1e6:.1f}M total, {params['active'] / 1e6:.1f}M active")
+    m = cfg["model"]
+    print(f"model: d={m['d_model']} layers={m['n_layers']} heads={m['n_heads']} router={m['moe']['router']} "
+          f"experts={m['moe']['num_experts']} top_k={m['moe']['top_k']} vocab={m['vocab_size']}")
+    print(f"samples seen: {trainer['loader']['samples_seen']}   last val loss: {trainer.get('val_loss')}")
+    files = [f"{name} ({entry['size'] / 1e6:.2f} MB)" for name, entry in sorted(reader.commit["files"].items())]
+    print("files: " + ", ".join(files))
+    print(f"{'tensor':60s} {'shape':>20s} {'dtype':>10s} {'pieces':>7s}")
+    for name in reader.tensor_names():
+        if name.startswith("rng/"):
+            continue
+        pieces = reader.pieces[name]
+        shape = reader.full_shape(name)
+        print(f"{name:60s} {str(tuple(shape)):>20s} {reader.dtype(name):>10s} {len(pieces):7d}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="competesmoe-ckpt", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("inspect", "verify", "export"):
+        p = sub.add_parser(name)
+        p.add_argument("path", type=Path)
+        if name == "export":
+            p.add_argument("out", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        from competesmoe.train.checkpoint import CheckpointReader, export_consolidated, resolve_checkpoint
+
+        reader = CheckpointReader(resolve_checkpoint(args.path))
+        if args.command == "inspect":
+            _inspect(reader)
+        elif args.command == "verify":
+            for name in reader.verify_all():
+                print(f"ok  {name}")
+            print(f"{reader.path}: all {len(reader.commit['files'])} files match the commit record")
+        else:
+            written = export_consolidated(reader, args.out)
+            print(f"exported step {reader.trainer['step']} to {', '.join(str(p) for p in written)}")
+    except CompeteSMoEError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

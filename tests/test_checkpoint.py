@@ -1,0 +1,184 @@
+"""Sharded checkpoints: atomic saves, exact resume, resharding, bad input, the ckpt tool."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from competesmoe.config import load_config
+from competesmoe.errors import CheckpointError
+from competesmoe.train.checkpoint import CheckpointReader, load_for_inference, resolve_checkpoint
+from competesmoe.train.ckpt_cli import main as ckpt_main
+from competesmoe.train.trainer import train
+from runs import overrides, train_losses
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "configs" / "smoke.yaml"
+
+
+def run(nproc: int, script: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = (launcher if nproc > 1 else [sys.executable]) + script
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def module(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
+    return run(nproc, ["-m", "competesmoe.train", str(SMOKE), *args])
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+    """A single-process run of 6 steps with a checkpoint every 2."""
+    tmp = tmp_path_factory.mktemp("trained")
+    args = overrides(corpus, tmp / "run", tmp / "cache", **{"train.steps": 6, "train.ckpt_every": 2,
+                                                             "train.keep_last": 2})
+    train(load_config(SMOKE, args))
+    return tmp / "run", tmp / "cache"
+
+
+def test_keeps_the_last_n_and_points_latest_at_the_newest(trained):
+    run_dir, _ = trained
+    ckpts = run_dir / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000004", "step_00000006"]
+    assert (ckpts / "latest").read_text() == "step_00000006"
+    assert resolve_checkpoint(run_dir) == ckpts / "step_00000006"
+    commit = json.loads((ckpts / "step_00000006" / "COMMIT.json").read_text())
+    assert set(commit["files"]) == {"rank00000.safetensors", "trainer.json", "tokenizer.model"}
+
+
+def _copy(trained, tmp_path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(trained[0], copy)
+    return copy / "checkpoints" / "step_00000006"
+
+
+def test_corrupt_truncated_and_missing_files_are_detected(trained, tmp_path):
+    ckpt = _copy(trained, tmp_path)
+    shard = ckpt / "rank00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0x55
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="rank00000.safetensors fails its checksum"):
+        load_for_inference(ckpt)
+    shard.write_bytes(bytes(data[:-100]))
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_for_inference(ckpt)
+    shard.unlink()
+    with pytest.raises(CheckpointError, match="rank00000.safetensors is missing"):
+        load_for_inference(ckpt)
+    (ckpt / "COMMIT.json").unlink()
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        CheckpointReader(ckpt)
+
+
+def test_checkpoint_of_another_model_names_the_tensor(trained, corpus):
+    run_dir, cache = trained
+    wider = overrides(corpus, run_dir, cache, **{"train.steps": 8, "model.d_model": 48})
+    with pytest.raises(CheckpointError, match=r"'model/embed.weight' has shape \(512, 32\), the model expects \(512, 48\)"):
+        train(load_config(SMOKE, wider))
+    xmoe = overrides(corpus, run_dir, cache, **{"train.steps": 8, "model.moe.router": "xmoe"})
+    with pytest.raises(CheckpointError, match=r"lacks, e.g. 'blocks.0.ffn.router.weight' \(a checkpoint of a different model"):
+        train(load_config(SMOKE, xmoe))
+
+
+def test_crash_during_save_leaves_previous_checkpoint(trained, corpus, tmp_path):
+    """In one process: the shard of step 8 is written, then the process dies before the commit."""
+    run_dir = _copy(trained, tmp_path).parent.parent
+    args = overrides(corpus, run_dir, trained[1], **{"train.steps": 10, "train.ckpt_every": 2})
+    result = run(1, ["tests/workers/train_crash.py", "during-save", "8", str(SMOKE), *args])
+    assert result.returncode == -9, result.stdout[-3000:] + result.stderr[-3000:]
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / "step_00000008.tmp").is_dir() and not (ckpts / "step_00000008").exists()
+    assert resolve_checkpoint(run_dir).name == "step_00000006"
+    # the same command again resumes from step 6 and finishes; the stale directory is cleaned up
+    assert train(load_config(SMOKE, args)).step == 10
+    assert not (ckpts / "step_00000008.tmp").exists()
+    assert sorted(train_losses(run_dir)) == list(range(1, 11))
+
+
+def test_export_matches_the_trained_model(trained, tmp_path):
+    run_dir, _ = trained
+    assert ckpt_main(["export", str(run_dir), str(tmp_path / "export")]) == 0
+    tensors = load_file(str(tmp_path / "export" / "model.safetensors"))
+    cfg, model, tokenizer = load_for_inference(run_dir)
+    state = dict(model.named_parameters())
+    assert set(tensors) == set(state)
+    for name, value in tensors.items():
+        torch.testing.assert_close(value, state[name].detach(), rtol=0, atol=0)
+    assert tokenizer.vocab_size == cfg.model.vocab_size
+    assert "router: competesmoe" in (tmp_path / "export" / "config.yaml").read_text()
+
+
+def test_ckpt_tool_inspect_verify_and_errors(trained, tmp_path, capsys):
+    run_dir, _ = trained
+    assert ckpt_main(["inspect", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "step: 6" in out and "model/blocks.0.ffn.experts.w1" in out and "(4, 32, 16)" in out
+    assert ckpt_main(["verify", str(run_dir)]) == 0
+    assert "match the commit record" in capsys.readouterr().out
+    assert ckpt_main(["inspect", str(tmp_path / "nothing")]) == 2
+    assert capsys.readouterr().err.startswith("error: no complete checkpoint")
+
+
+# -- multi-process -------------------------------------------------------------------------------
+
+MP = {"train.steps": 12, "train.ckpt_every": 3, "train.eval_every": 12, "parallel.ep": 2}
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_multiprocess_crash_and_exact_resume(corpus, tmp_path):
+    """2 processes, EP=2, ZeRO-1. (a) SIGKILL right after the checkpoint of step 6; (b) SIGKILL
+    of one rank in the middle of the save of step 9: the checkpoint of step 6 stays the latest.
+    Either way, rerunning the command continues bitwise-identically to an uninterrupted run."""
+    cache = tmp_path / "cache"
+    full = overrides(corpus, tmp_path / "full", cache, **MP, **{"parallel.zero_stage": 1})
+    assert module(2, full).returncode == 0
+    reference = train_losses(tmp_path / "full")
+
+    crashed = overrides(corpus, tmp_path / "crashed", cache, **MP, **{"parallel.zero_stage": 1})
+    result = run(2, ["tests/workers/train_crash.py", "after-save", "6", str(SMOKE), *crashed])
+    assert result.returncode != 0
+    assert resolve_checkpoint(tmp_path / "crashed").name == "step_00000006"
+    assert module(2, crashed).returncode == 0
+    assert train_losses(tmp_path / "crashed") == reference  # every step, bitwise
+
+    dying = overrides(corpus, tmp_path / "dying", cache, **MP, **{"parallel.zero_stage": 1})
+    result = run(2, ["tests/workers/train_crash.py", "during-save", "9", str(SMOKE), *dying])
+    assert result.returncode != 0
+    ckpts = tmp_path / "dying" / "checkpoints"
+    assert (ckpts / "step_00000009.tmp").is_dir() and not (ckpts / "step_00000009").exists()
+    assert resolve_checkpoint(tmp_path / "dying").name == "step_00000006"
+    assert module(2, dying).returncode == 0
+    assert train_losses(tmp_path / "dying") == reference
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_reshard_2x2_to_1x1_4x1_1x4(corpus, tmp_path):
+    """A DP=2 x EP=2 checkpoint (ZeRO-1) loads into 1x1, 4x1 and 1x4 and training continues.
+    The next step sees the same global batch (the loader position is global), so its loss must
+    equal the 2x2 run's continuation; tolerance 1e-5 (only float32 summation order differs)."""
+    cache = tmp_path / "cache"
+    base = {"train.steps": 6, "train.ckpt_every": 6, "train.eval_every": 6}
+    src = overrides(corpus, tmp_path / "src", cache, **base, **{"parallel.ep": 2, "parallel.zero_stage": 1})
+    assert module(4, src).returncode == 0
+    layouts = {"2x2": (4, 2, 1), "1x1": (1, 1, 0), "4x1": (4, 1, 1), "1x4": (4, 4, 0)}
+    next_losses = {}
+    for name, (nproc, ep, zero) in layouts.items():
+        shutil.copytree(tmp_path / "src", tmp_path / name)
+        args = overrides(corpus, tmp_path / name, cache, **dict(base, **{"train.steps": 8}),
+                         **{"parallel.ep": ep, "parallel.zero_stage": zero})
+        result = module(nproc, args)
+        assert result.returncode == 0, name + result.stdout[-3000:] + result.stderr[-3000:]
+        assert "resumed from" in result.stdout
+        losses = train_losses(tmp_path / name)
+        assert sorted(losses) == list(range(1, 9))
+        next_losses[name] = losses[7]
+    assert max(next_losses.values()) - min(next_losses.values()) < 1e-5, next_losses

@@ -1,0 +1,45 @@
+"""Run the trainer, then crash it at a chosen moment with SIGKILL (no cleanup, as a node failure).
+
+usage: [torchrun ...] tests/workers/train_crash.py MODE STEP CONFIG [key=value ...]
+  MODE during-save  rank 1 (or 0 in a single process) dies after writing its shard of the
+                    checkpoint of STEP, before the checkpoint is committed
+  MODE after-save   every rank dies right after the checkpoint of STEP is committed
+"""
+import os
+import signal
+import sys
+
+import torch.distributed as dist
+
+import competesmoe.train.checkpoint as ckpt
+from competesmoe.train.cli import main
+
+mode, step = sys.argv[1], int(sys.argv[2])
+rank = int(os.environ.get("RANK", 0))
+victim = min(1, int(os.environ.get("WORLD_SIZE", 1)) - 1)
+
+if mode == "during-save":
+    real_save_file = ckpt.save_file
+
+    def save_then_die(tensors, path, *args, **kwargs):
+        real_save_file(tensors, path, *args, **kwargs)
+        if f"step_{step:08d}.tmp" in str(path) and rank == victim:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    ckpt.save_file = save_then_die
+elif mode == "after-save":
+    real_save = ckpt.Checkpointer.save
+
+    def save_then_die(self, at_step, *args, **kwargs):
+        path = real_save(self, at_step, *args, **kwargs)
+        if at_step == step:
+            if dist.is_initialized():
+                dist.barrier()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return path
+
+    ckpt.Checkpointer.save = save_then_die
+else:
+    raise SystemExit(f"unknown mode {mode}")
+
+sys.exit(main(sys.argv[3:]))
