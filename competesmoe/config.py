@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from competesmoe.data.config import DataConfig
@@ -46,17 +46,30 @@ def _omegaconf_error(err: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"{source}: bad config key '{key}': {first_line}")
 
 
+def _yaml_layers(path: Path, seen: tuple = ()) -> list:
+    """The YAML file and, first, the chain of files it names in `_base_` (relative to itself)."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: _base_ chain loops back to itself")
+    try:
+        layer = OmegaConf.load(path)
+    except OmegaConfBaseException as err:
+        raise _omegaconf_error(err, str(path)) from None
+    base = layer.pop("_base_", None) if isinstance(layer, DictConfig) else None
+    below = _yaml_layers(path.parent / base, seen + (path.resolve(),)) if base else []
+    return below + [(path, layer)]
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Build a validated Config from an optional YAML file and dotlist overrides."""
+    """Build a validated Config from an optional YAML file and dotlist overrides. A YAML file may
+    start from another one with `_base_: other.yaml` and change only what differs."""
     merged = OmegaConf.structured(Config)
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+    for source, layer in (_yaml_layers(Path(path)) if path is not None else []):
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as err:
-            raise _omegaconf_error(err, str(path)) from None
+            raise _omegaconf_error(err, str(source)) from None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")

@@ -52,7 +52,7 @@ def test_bad_config_names_the_key(override, key):
 
 def test_build_time_validation_without_yaml():
     with pytest.raises(ConfigError, match=r"model\.moe\.top_k"):
-        Transformer(ModelConfig(moe=MoEConfig(num_experts=4, top_k=5)))
+        Transformer(ModelConfig(vocab_size=100, moe=MoEConfig(num_experts=4, top_k=5)))
 
 
 def test_forward_shapes_and_aux_loss():
@@ -123,3 +123,27 @@ def test_loss_decreases_when_fitting_a_batch():
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
     assert lm_loss(torch.zeros(1, 1, 50), torch.tensor([[3]])).item() == pytest.approx(math.log(50))
+
+
+@pytest.mark.parametrize("path", sorted(p.relative_to(CONFIGS) for p in CONFIGS.rglob("*.yaml")))
+def test_every_shipped_config_loads_and_builds(path):
+    cfg = load_config(CONFIGS / path)
+    if cfg.model.d_model <= 512:
+        Transformer(cfg.model)
+
+
+def test_base_config_chain(tmp_path):
+    (tmp_path / "a.yaml").write_text("model:\n  d_model: 64\n  n_heads: 2\n")
+    (tmp_path / "b.yaml").write_text("_base_: a.yaml\nmodel:\n  n_heads: 4\n")
+    cfg = load_config(tmp_path / "b.yaml")
+    assert (cfg.model.d_model, cfg.model.n_heads) == (64, 4)
+    router = load_config(CONFIGS / "routers" / "xmoe.yaml")
+    reference = load_config(CONFIGS / "reference_lm.yaml")
+    assert router.model.moe.router == "xmoe" and router.model.n_layers == reference.model.n_layers
+    (tmp_path / "a.yaml").write_text("_base_: b.yaml\n")
+    with pytest.raises(ConfigError, match="loops"):
+        load_config(tmp_path / "b.yaml")
+    (tmp_path / "c.yaml").write_text("model:\n  widht: 3\n")
+    (tmp_path / "d.yaml").write_text("_base_: c.yaml\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: bad config key 'model\.widht'"):
+        load_config(tmp_path / "d.yaml")
