@@ -128,7 +128,7 @@ def test_loss_decreases_when_fitting_a_batch():
 @pytest.mark.parametrize("path", sorted(p.relative_to(CONFIGS) for p in CONFIGS.rglob("*.yaml")))
 def test_every_shipped_config_loads_and_builds(path):
     cfg = load_config(CONFIGS / path)
-    if cfg.model.d_model <= 512:
+    if cfg.model.d_model < 512:  # the 154M-parameter reference is built once, in its own test
         Transformer(cfg.model)
 
 

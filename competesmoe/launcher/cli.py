@@ -81,22 +81,23 @@ def array_indices(spec: str) -> list[int]:
     return ids
 
 
-def check_runs(config: Path, overrides: list[str], world: int, sweep: list[list[str]] | None,
-               tasks: list[int] | None) -> None:
-    """Load and check the run, or each selected run of a sweep, as the training processes will."""
-    if sweep is None:
-        cfg = load_config(config, overrides)
-        check_layout(cfg, world)
-        check_run_dir(cfg.run.dir)
-        return
+def check_run(config: Path, overrides: list[str], world: int) -> Config:
+    """Load the run's config as its training processes will, and check it against the layout."""
+    cfg = load_config(config, overrides)
+    check_layout(cfg, world)
+    check_run_dir(cfg.run.dir)
+    return cfg
+
+
+def check_sweep(config: Path, overrides: list[str], world: int, sweep: list[list[str]], tasks: list[int]) -> None:
+    """Check the run of each selected task, and that no two of them share a run directory."""
     owners: dict[Path, int] = {}
     for task in tasks:
         if not 0 <= task < len(sweep):
-            raise LaunchError(f"array task {task} has no line in the sweep file ({len(sweep)} lines: tasks 0-{len(sweep) - 1})")
+            raise LaunchError(f"array task {task} has no line in the sweep file "
+                              f"({len(sweep)} lines: tasks 0-{len(sweep) - 1})")
         try:
-            cfg = load_config(config, [*overrides, *sweep[task]])
-            check_layout(cfg, world)
-            check_run_dir(cfg.run.dir)
+            cfg = check_run(config, [*overrides, *sweep[task]], world)
         except CompeteSMoEError as err:
             raise type(err)(f"sweep task {task} ({' '.join(sweep[task])}): {err}") from None
         run_dir = Path(cfg.run.dir).absolute()
@@ -138,7 +139,8 @@ def _launch_script(name: str) -> Path:
     return path
 
 
-def _slurm(args: argparse.Namespace, config: Path) -> int:
+def slurm_batch_script(args: argparse.Namespace, config: Path) -> tuple[str, Path]:
+    """The checked batch script for the `slurm` options, and the folder of its log."""
     gpus = args.gpus_per_node
     procs = args.procs_per_node or gpus or 1
     if gpus and procs != gpus:
@@ -146,9 +148,13 @@ def _slurm(args: argparse.Namespace, config: Path) -> int:
                           "process per GPU (use --gpus-per-node 0 for CPU processes)")
     if args.array and not args.sweep:
         raise LaunchError("--array needs --sweep FILE: array task i runs with line i of its overrides")
+    world = args.nodes * procs
     sweep = read_sweep(args.sweep) if args.sweep else None
-    tasks = array_indices(args.array) if args.array else (list(range(len(sweep))) if sweep else None)
-    check_runs(config, args.overrides, args.nodes * procs, sweep, tasks)
+    if sweep:
+        check_sweep(config, args.overrides, world, sweep,
+                    array_indices(args.array) if args.array else list(range(len(sweep))))
+    else:
+        check_run(config, args.overrides, world)
 
     template = _launch_script("slurm.sbatch").read_text()
     directives = sbatch_directives(template)
@@ -167,13 +173,17 @@ def _slurm(args: argparse.Namespace, config: Path) -> int:
         directives["output"] = directives["output"].replace("%j", "%A_%a")
         env["COMPETESMOE_SWEEP"] = str(args.sweep.absolute())
     script = render_batch_script(template, directives, env, [str(config), *args.overrides])
+    return script, Path(directives["output"]).parent
 
+
+def _slurm(args: argparse.Namespace, config: Path) -> int:
+    script, log_dir = slurm_batch_script(args, config)
     if args.dry_run:
         print(f"sbatch <<'{_HEREDOC_END}'\n{script}{_HEREDOC_END}")
         return 0
     if shutil.which("sbatch") is None:
         raise LaunchError("sbatch not found on PATH: submit from a Slurm login node")
-    Path(directives["output"]).parent.mkdir(parents=True, exist_ok=True)
+    log_dir.mkdir(parents=True, exist_ok=True)  # Slurm does not create it; the job would fail silently
     return subprocess.run(["sbatch"], input=script, text=True).returncode
 
 
@@ -188,7 +198,7 @@ def _on_this_machine(args: argparse.Namespace, config: Path) -> int:
     else:
         procs = 1
         script = _launch_script("local.sh")
-    check_runs(config, args.overrides, procs, None, None)
+    check_run(config, args.overrides, procs)
     argv = ["bash", str(script), str(config), *args.overrides]
     if args.dry_run:
         prefix = f"COMPETESMOE_PROCS_PER_NODE={procs} " if args.mode == "torchrun" else ""
