@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from competesmoe.errors import CompeteSMoEError
@@ -25,7 +26,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if result.stopped_early:
         return REQUEUE_EXIT_CODE
+    if int(os.environ.get("RANK", 0)) == 0:
+        _print_summary(result)
     return 0
+
+
+def _print_summary(result) -> None:
+    import math
+
+    print(f"done: step {result.step}", end="")
+    if result.val_loss is not None:
+        print(f"; validation loss {result.val_loss:.4f}, perplexity {math.exp(min(result.val_loss, 50)):.2f}", end="")
+    latest = result.run_dir / "checkpoints" / "latest"
+    print(f"\nmetrics:     {result.run_dir / 'metrics.jsonl'}")
+    if latest.is_file():
+        print(f"checkpoints: {result.run_dir / 'checkpoints'} (latest: {latest.read_text().strip()})")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -154,13 +155,18 @@ def evaluate(model, tokens, cfg: Config, mesh: Mesh, autocast) -> float:
 
 
 def _prepare_data_once(cfg: Config, mesh: Mesh, log):
-    """Rank 0 prepares (or finds cached) data; the others wait, then open what it made."""
-    prepared = prepare_data(cfg.data, log=log) if mesh.is_main else None
+    """The first process of each node prepares (or finds cached) data while the others wait,
+    then they open what it made. On a shared filesystem, nodes that race to build the same
+    dataset each publish it atomically and keep the first complete copy."""
+    first_on_node = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    prepared = prepare_data(cfg.data, log=log) if first_on_node else None
     if not mesh.distributed:
         return prepared
-    box = [str(prepared.directory) if prepared else None]
-    dist.broadcast_object_list(box, src=0)
-    return prepared if mesh.is_main else load_prepared(Path(box[0]))
+    directory = [str(prepared.directory) if prepared else None]
+    everyone = [None] * mesh.world
+    dist.all_gather_object(everyone, directory[0])
+    node_leader = next(d for d in reversed(everyone[:mesh.rank + 1]) if d is not None)
+    return prepared if first_on_node else load_prepared(Path(node_leader))
 
 
 def train(cfg: Config) -> TrainResult:
@@ -188,6 +194,7 @@ def train(cfg: Config) -> TrainResult:
     micro = tc.micro_batch or per_rank
     n_micro = per_rank // micro
     engine = build_engine(model, cfg, mesh, n_micro)
+    val_loss: Optional[float] = None
     counts = model.param_counts()
     schedule = CompetitionSchedule(cfg.seed, len(model.moe_layers), tc.steps,
                                    **_schedule_args(cfg))
@@ -201,6 +208,7 @@ def train(cfg: Config) -> TrainResult:
         _check_resume(state, cfg)
         loader.load_state_dict(state["loader"])
         step = state["step"]
+        val_loss = state.get("val_loss")
         log(f"resumed from {latest} at step {step}")
     model.train()
     autocast = _autocast(cfg, mesh.device)
@@ -211,7 +219,6 @@ def train(cfg: Config) -> TrainResult:
 
     metrics = MetricsWriter(run_dir, cfg.run, tc.steps, step, to_dict(cfg)) if mesh.is_main else None
     routing = RoutingLog(len(model.moe_layers))
-    val_loss: Optional[float] = None
     window = _new_window()
 
     def trainer_state() -> dict:
