@@ -34,6 +34,8 @@ setup(
             "competesmoe-train=competesmoe.train.cli:main",
             "competesmoe-data=competesmoe.data.cli:main",
             "competesmoe-ckpt=competesmoe.train.ckpt_cli:main",
+            "competesmoe-launch=competesmoe.launcher.cli:main",
+            "competesmoe-profile=competesmoe.kernels.profile:main",
         ],
     },
 )

@@ -8,7 +8,8 @@ import pytest
 
 from competesmoe.config import load_config
 from competesmoe.errors import ConfigError
-from competesmoe.parallel.mesh import Mesh, check_layout
+from competesmoe.parallel.config import check_layout
+from competesmoe.parallel.mesh import Mesh
 from competesmoe.train.trainer import train
 from runs import overrides, train_losses
 

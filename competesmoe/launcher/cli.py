@@ -24,7 +24,8 @@ import sys
 from pathlib import Path
 
 from competesmoe.config import Config, load_config
-from competesmoe.errors import CompeteSMoEError, ConfigError
+from competesmoe.errors import CompeteSMoEError
+from competesmoe.parallel.config import check_layout as check_mesh, micro_batches
 
 LAUNCH_DIR = Path(__file__).resolve().parents[2] / "launch"
 _HEREDOC_END = "COMPETESMOE_BATCH_SCRIPT"
@@ -36,14 +37,8 @@ class LaunchError(CompeteSMoEError):
 
 def check_layout(cfg: Config, world: int) -> None:
     """Refuse, before anything is queued, a layout that the trainer would refuse at start."""
-    from competesmoe.parallel.mesh import check_layout as check_mesh  # imports torch
-
     check_mesh(world, cfg.parallel.ep, cfg.model.moe.num_experts)
-    tc = cfg.train
-    per_rank = tc.global_batch // world
-    if tc.global_batch % world or per_rank % (tc.micro_batch or per_rank):
-        raise ConfigError(f"train.global_batch={tc.global_batch} must split into {world} ranks x "
-                          f"whole micro-batches of train.micro_batch={tc.micro_batch}")
+    micro_batches(cfg.train.global_batch, cfg.train.micro_batch, world)
 
 
 def check_run_dir(run_dir: str) -> None:

@@ -1,4 +1,6 @@
 """How a run is laid out across processes: expert parallelism and the ZeRO stage."""
+from __future__ import annotations
+
 from dataclasses import dataclass
 
 from competesmoe.errors import ConfigError
@@ -21,3 +23,22 @@ class ParallelConfig:
                 "parameters is then partitioned, parameters are replicated)")
         if self.zero_stage not in (0, 1, 2):
             raise ConfigError(f"{path}.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
+
+
+def check_layout(world: int, ep: int, num_experts: int) -> None:
+    """The expert-parallel size must divide the world and the experts."""
+    if world % ep:
+        raise ConfigError(f"parallel.ep={ep} does not divide the world size {world}: choose an ep "
+                          f"among {[d for d in range(1, world + 1) if world % d == 0]}")
+    if num_experts % ep:
+        raise ConfigError(f"parallel.ep={ep} does not divide model.moe.num_experts={num_experts}")
+
+
+def micro_batches(global_batch: int, micro_batch: int | None, world: int) -> int:
+    """Forwards per rank and step: the global batch splits over the world in whole micro-batches."""
+    per_rank = global_batch // world
+    micro = micro_batch or per_rank
+    if global_batch % world or per_rank % micro:
+        raise ConfigError(f"train.global_batch={global_batch} must split into {world} ranks x whole "
+                          f"micro-batches of train.micro_batch={micro_batch}")
+    return per_rank // micro

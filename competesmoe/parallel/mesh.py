@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from competesmoe.errors import ConfigError
+from competesmoe.parallel.config import check_layout
 
 
 @dataclass
@@ -54,14 +55,6 @@ class Mesh:
         """Global ids of the experts this rank holds."""
         per_rank = num_experts // self.ep
         return range(self.ep_rank * per_rank, (self.ep_rank + 1) * per_rank)
-
-
-def check_layout(world: int, ep: int, num_experts: int) -> None:
-    if world % ep:
-        raise ConfigError(f"parallel.ep={ep} does not divide the world size {world}: choose an ep "
-                          f"among {[d for d in range(1, world + 1) if world % d == 0]}")
-    if num_experts % ep:
-        raise ConfigError(f"parallel.ep={ep} does not divide model.moe.num_experts={num_experts}")
 
 
 def pick_device(requested: str) -> torch.device:

@@ -26,6 +26,7 @@ from competesmoe.errors import CheckpointError, ConfigError
 from competesmoe.model.moe.layer import MoEStats
 from competesmoe.model.moe.schedule import CompetitionSchedule
 from competesmoe.model.transformer import Transformer, lm_loss
+from competesmoe.parallel.config import micro_batches
 from competesmoe.parallel.mesh import Mesh, init_mesh
 from competesmoe.parallel.parallelize import build_engine, parallelize
 from competesmoe.train.checkpoint import Checkpointer
@@ -170,12 +171,16 @@ def _prepare_data_once(cfg: Config, mesh: Mesh, log):
 
 
 def train(cfg: Config) -> TrainResult:
+    # The stop signals are caught from the start: one that arrives during setup stops the run
+    # after its first step, with a checkpoint.
+    with _StopFlag() as stop:
+        return _train(cfg, stop)
+
+
+def _train(cfg: Config, stop: "_StopFlag") -> TrainResult:
     mesh = init_mesh(cfg.parallel.ep, cfg.model.moe.num_experts, cfg.train.device)
     tc = cfg.train
-    per_rank = tc.global_batch // mesh.world
-    if tc.global_batch % mesh.world or per_rank % (tc.micro_batch or per_rank):
-        raise ConfigError(f"train.global_batch={tc.global_batch} must split into {mesh.world} ranks x "
-                          f"whole micro-batches of train.micro_batch={tc.micro_batch}")
+    n_micro = micro_batches(tc.global_batch, tc.micro_batch, mesh.world)
     run_dir = Path(cfg.run.dir)
     log = print if mesh.is_main else (lambda *a, **k: None)
     if mesh.is_main:
@@ -191,8 +196,6 @@ def train(cfg: Config) -> TrainResult:
     # experts, so the initial weights do not depend on the layout.
     torch.manual_seed(cfg.seed)
     model = parallelize(Transformer(cfg.model), mesh)
-    micro = tc.micro_batch or per_rank
-    n_micro = per_rank // micro
     engine = build_engine(model, cfg, mesh, n_micro)
     val_loss: Optional[float] = None
     counts = model.param_counts()
@@ -226,67 +229,66 @@ def train(cfg: Config) -> TrainResult:
                 "params": counts, "val_loss": val_loss}
 
     stopped = False
-    with _StopFlag() as stop:
-        while step < tc.steps:
-            lr = lr_at(step, tc)
-            engine.set_lr(lr)
-            compete = schedule.competes(step)
-            inputs, targets = loader.next_batch()
-            inputs, targets = inputs.to(mesh.device), targets.to(mesh.device)
-            step_loss = torch.zeros((), device=mesh.device)
-            step_aux = torch.zeros((), device=mesh.device)
-            for x, y in zip(inputs.chunk(n_micro), targets.chunk(n_micro)):
-                with autocast():
-                    out = model(x, compete)
-                    loss = lm_loss(out.logits, y)
-                engine.backward((loss + out.aux_loss) / n_micro)
-                step_loss += loss.detach() / n_micro
-                step_aux += out.aux_loss.detach() / n_micro
-                routing.add(out.moe_stats)
-            grad_norm = engine.step()
-            step += 1
-            window["loss"] += step_loss
-            window["aux"] += step_aux
-            window["steps"] += 1
-            window["tokens"] += tc.global_batch * tc.seq_len
-            window["competing"] += sum(compete)
+    while step < tc.steps:
+        lr = lr_at(step, tc)
+        engine.set_lr(lr)
+        compete = schedule.competes(step)
+        inputs, targets = loader.next_batch()
+        inputs, targets = inputs.to(mesh.device), targets.to(mesh.device)
+        step_loss = torch.zeros((), device=mesh.device)
+        step_aux = torch.zeros((), device=mesh.device)
+        for x, y in zip(inputs.chunk(n_micro), targets.chunk(n_micro)):
+            with autocast():
+                out = model(x, compete)
+                loss = lm_loss(out.logits, y)
+            engine.backward((loss + out.aux_loss) / n_micro)
+            step_loss += loss.detach() / n_micro
+            step_aux += out.aux_loss.detach() / n_micro
+            routing.add(out.moe_stats)
+        grad_norm = engine.step()
+        step += 1
+        window["loss"] += step_loss
+        window["aux"] += step_aux
+        window["steps"] += 1
+        window["tokens"] += tc.global_batch * tc.seq_len
+        window["competing"] += sum(compete)
+        if metrics:
+            metrics.advance()
+
+        if step % tc.log_every == 0 or step == tc.steps:
+            stats = torch.stack([window["loss"], window["aux"]]) / window["steps"]
+            if mesh.distributed:
+                dist.all_reduce(stats)
+                stats /= mesh.world
+            elapsed = time.perf_counter() - window["start"]
+            tokens_per_s = window["tokens"] / elapsed
+            comp_flops = routing.competition_flops / window["steps"] * (mesh.world if mesh.distributed else 1)
+            record = {"step": step, "loss": stats[0].item(), "aux_loss": stats[1].item(), "lr": lr,
+                      "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+                      "competing_layers": window["competing"] / window["steps"], "competition_flops": comp_flops,
+                      "routing": routing.summary(mesh)}
+            if peak:
+                record["mfu"] = (flops_per_token * tokens_per_s + comp_flops * window["steps"] / elapsed) / (peak * mesh.world)
             if metrics:
-                metrics.advance()
+                metrics.write(record, f"step {step}/{tc.steps} loss {record['loss']:.4f} "
+                                      f"lr {lr:.2e} {tokens_per_s:,.0f} tok/s")
+            routing.reset()
+            window = _new_window()
 
-            if step % tc.log_every == 0 or step == tc.steps:
-                stats = torch.stack([window["loss"], window["aux"]]) / window["steps"]
-                if mesh.distributed:
-                    dist.all_reduce(stats)
-                    stats /= mesh.world
-                elapsed = time.perf_counter() - window["start"]
-                tokens_per_s = window["tokens"] / elapsed
-                comp_flops = routing.competition_flops / window["steps"] * (mesh.world if mesh.distributed else 1)
-                record = {"step": step, "loss": stats[0].item(), "aux_loss": stats[1].item(), "lr": lr,
-                          "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
-                          "competing_layers": window["competing"] / window["steps"], "competition_flops": comp_flops,
-                          "routing": routing.summary(mesh)}
-                if peak:
-                    record["mfu"] = (flops_per_token * tokens_per_s + comp_flops * window["steps"] / elapsed) / (peak * mesh.world)
-                if metrics:
-                    metrics.write(record, f"step {step}/{tc.steps} loss {record['loss']:.4f} "
-                                          f"lr {lr:.2e} {tokens_per_s:,.0f} tok/s")
-                routing.reset()
-                window = _new_window()
+        if step % tc.eval_every == 0 or step == tc.steps:
+            val_loss = evaluate(model, data.val_tokens(), cfg, mesh, autocast)
+            if metrics:
+                metrics.write({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))},
+                              f"step {step}: validation loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}")
 
-            if step % tc.eval_every == 0 or step == tc.steps:
-                val_loss = evaluate(model, data.val_tokens(), cfg, mesh, autocast)
-                if metrics:
-                    metrics.write({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))},
-                                  f"step {step}: validation loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}")
-
-            stopped = stop.agreed(mesh)
-            if step % tc.ckpt_every == 0 or step == tc.steps or stopped:
-                path = checkpointer.save(step, model, engine, trainer_state(), data.tokenizer)
-                if metrics:
-                    metrics.message(f"checkpoint: {path}")
-            if stopped:
-                log(f"stopped by signal at step {step}; exiting with code {REQUEUE_EXIT_CODE} to be requeued")
-                break
+        stopped = stop.agreed(mesh)
+        if step % tc.ckpt_every == 0 or step == tc.steps or stopped:
+            path = checkpointer.save(step, model, engine, trainer_state(), data.tokenizer)
+            if metrics:
+                metrics.message(f"checkpoint: {path}")
+        if stopped:
+            log(f"stopped by signal at step {step}; exiting with code {REQUEUE_EXIT_CODE} to be requeued")
+            break
 
     if metrics:
         metrics.close()

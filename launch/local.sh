@@ -1,0 +1,15 @@
+#!/bin/bash
+# Pre-training on one device: the GPU if there is one, else the CPU. The smoke run:
+#
+#   bash launch/local.sh configs/smoke.yaml [key=value ...]
+#
+# SIGTERM or SIGUSR1 stops it after the current step with a checkpoint (exit code 42); the same
+# command resumes the run.
+set -euo pipefail
+
+if [ "$#" -lt 1 ]; then
+  echo "usage: bash launch/local.sh CONFIG [key=value ...]" >&2
+  exit 2
+fi
+
+exec python3 -m competesmoe.train "$@"
