@@ -273,6 +273,11 @@ def _parser() -> argparse.ArgumentParser:
     mode.add_argument("--check", action="store_true", help="correctness checks at small shapes, then exit")
     mode.add_argument("--compile", type=int, nargs="?", const=90, metavar="SM",
                       help="compile all variants for compute capability SM (default 90), no GPU needed")
+    mode.add_argument("--steps", metavar="CONFIG",
+                      help="profile whole training steps of CONFIG (SMoE, CompeteSMoE, forced competition)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the --steps config")
+    p.add_argument("--iters", type=int, default=10, help="--steps: timed steps per variant")
+    p.add_argument("--trace-dir", help="--steps: write a chrome trace per variant here")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shapes", type=_choices(SHAPES), default=list(SHAPES), help=f"some of {', '.join(SHAPES)}")
     p.add_argument("--activation", type=_choices(ACTIVATIONS), default=["relu"],
@@ -290,6 +295,16 @@ def main(argv: list[str] | None = None) -> int:
         return run_checks(device)
     if args.compile is not None:
         return run_compile(args.compile, shapes, args.activation, DTYPES[args.dtype])
+    if args.steps:
+        from pathlib import Path
+
+        from competesmoe.config import load_config
+        from competesmoe.train.profile_steps import profile_training_steps
+
+        profile_training_steps(load_config(args.steps, args.overrides), device, steps=args.iters,
+                               trace_dir=Path(args.trace_dir) if args.trace_dir else None,
+                               out=Path(args.out) if args.out else None)
+        return 0
     if device.type != "cuda":
         print("timing needs a CUDA device (--check and --compile run without one)", file=sys.stderr)
         return 2

@@ -108,3 +108,22 @@ def test_corrupt_shard_is_reported(corpus, tmp_path, capsys):
     code = train_main([str(SMOKE), *overrides(corpus, tmp_path / "run2", tmp_path / "cache")])
     err = capsys.readouterr().err
     assert code == 2 and shard.name in err and "Traceback" not in err
+
+
+def test_step_profiler_reports_competition_cost(tmp_path):
+    from competesmoe.train.profile_steps import profile_training_steps
+
+    cfg = load_config(SMOKE, ["model.vocab_size=512", "model.n_layers=2", "model.d_model=32", "model.n_heads=2",
+                              "model.moe.num_experts=4", "model.moe.expert_hidden=8", "train.seq_len=16",
+                              "train.global_batch=2"])
+    import torch
+
+    rows = profile_training_steps(cfg, torch.device("cpu"), warmup=1, steps=2, trace_dir=tmp_path, out=tmp_path / "r.json")
+    by_name = {r["variant"]: r for r in rows}
+    assert by_name["smoe"]["competition_flops"] == 0 and by_name["smoe"]["flop_ratio"] == 1.0
+    # forced: both layers run all 4 experts on 32 tokens, forward (2*32*8 + 2*8*32 FLOPs each) + 2x backward
+    tokens, expert = 2 * 16, 4 * 32 * 8
+    assert by_name["forced"]["competition_flops"] == 2 * 3 * tokens * 4 * expert
+    assert by_name["forced"]["competing_layers"] == 2
+    for name in ("smoe", "competesmoe", "forced"):
+        assert (tmp_path / f"{name}.json").stat().st_size > 10_000  # a chrome trace with events
