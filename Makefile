@@ -22,6 +22,7 @@ install: $(VENV)/.installed
 
 run: install
 	$(VENV)/bin/competesmoe-train configs/smoke.yaml run.dir=$(RUN_DIR)
+	$(VENV)/bin/competesmoe-eval $(RUN_DIR) --limit 500 --out $(RUN_DIR)/eval.json
 
 test: install
 	$(PY) -m pytest

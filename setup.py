@@ -36,6 +36,8 @@ setup(
             "competesmoe-ckpt=competesmoe.train.ckpt_cli:main",
             "competesmoe-launch=competesmoe.launcher.cli:main",
             "competesmoe-profile=competesmoe.kernels.profile:main",
+            "competesmoe-eval=competesmoe.eval.cli:main",
+            "competesmoe-plot=competesmoe.eval.plots:main",
         ],
     },
 )

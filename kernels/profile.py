@@ -15,7 +15,7 @@
 
 --activation takes a comma-separated list. Modes are flags of one mutually exclusive group,
 so a whole-step mode can join them.
-The installed entry point is competesmoe.kernels.profile:main (tools/profile.py calls it).
+The installed entry point is competesmoe.kernels.profile:main (tools/profile_kernels.py calls it).
 """
 from __future__ import annotations
 

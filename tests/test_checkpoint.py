@@ -182,3 +182,11 @@ def test_reshard_2x2_to_1x1_4x1_1x4(corpus, tmp_path):
         assert sorted(losses) == list(range(1, 9))
         next_losses[name] = losses[7]
     assert max(next_losses.values()) - min(next_losses.values()) < 1e-5, next_losses
+
+
+def test_milestones_survive_pruning(corpus, tmp_path):
+    args = overrides(corpus, tmp_path / "run", tmp_path / "cache", **{"train.steps": 8, "train.ckpt_every": 2,
+                                                                       "train.keep_last": 1, "train.keep_every": 4})
+    train(load_config(SMOKE, args))
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert kept == ["latest", "step_00000004", "step_00000008"]

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from competesmoe.errors import CompeteSMoEError
 from competesmoe.eval.distributed import init_from_env
-from competesmoe.eval.perplexity import text_perplexity, validation_perplexity, validation_requests
+from competesmoe.eval.perplexity import read_text_file, text_perplexity, validation_perplexity, validation_requests
 from competesmoe.eval.scoring import Scorer
 from competesmoe.eval.tasks import TASKS, Sources, olmo_tasks_root, run_task
 
@@ -115,9 +115,7 @@ def _load(path: Path, device_name: str, data_cache: Optional[str]):
 
 def _evaluate(args: argparse.Namespace) -> int:
     tasks = _selected_tasks(args.tasks)
-    for text in args.text:
-        if not Path(text).is_file():
-            raise CompeteSMoEError(f"text file not found: {text}")
+    texts = {f"text:{path}": read_text_file(Path(path)) for path in args.text}
     checkpoint, step, cfg, model, tokenizer, device = _load(Path(args.path), args.device, args.data_cache)
     group = init_from_env(device)
     log = print if group.is_main else (lambda *a, **k: None)
@@ -134,8 +132,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         else:
             results[name] = _timed(lambda: run_task(TASKS[name], scorer, sources))
         log(f"eval: {name}: {_row_summary(results[name])}")
-    for text in args.text:
-        results[f"text:{Path(text).name}"] = _timed(lambda: {"status": "ok", **text_perplexity(scorer, Path(text))})
+    for name, text in texts.items():
+        results[name] = _timed(lambda: {"status": "ok", **text_perplexity(scorer, text, name)})
 
     if group.is_main:
         report = {"checkpoint": str(checkpoint), "step": step, "router": cfg.model.moe.router,

@@ -49,9 +49,17 @@ def validation_perplexity(scorer: Scorer, requests: Sequence[tuple[list[int], in
     return {"n": len(requests), **_summary(scorer.score(requests, "val"))}
 
 
-def text_perplexity(scorer: Scorer, path: Path) -> dict:
-    text = Path(path).read_text(encoding="utf-8")
-    summary = _summary(scorer.rolling([text], f"text {Path(path).name}"))
+def read_text_file(path: Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"text file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"cannot read {path} as UTF-8 text: {err}") from None
+
+
+def text_perplexity(scorer: Scorer, text: str, name: str = "text") -> dict:
+    summary = _summary(scorer.rolling([text], name))
     n_bytes = len(text.encode("utf-8"))
     summary["bytes"] = n_bytes
     summary["bits_per_byte"] = summary["loss"] * summary["tokens"] / math.log(2) / max(n_bytes, 1)

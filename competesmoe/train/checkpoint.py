@@ -93,8 +93,8 @@ def _owned(name: str, rows: dict, mesh: Mesh) -> bool:
 
 
 class Checkpointer:
-    def __init__(self, root: Path, mesh: Mesh, keep_last: int):
-        self.root, self.mesh, self.keep_last = Path(root), mesh, keep_last
+    def __init__(self, root: Path, mesh: Mesh, keep_last: int, keep_every: int = 0):
+        self.root, self.mesh, self.keep_last, self.keep_every = Path(root), mesh, keep_last, keep_every
 
     # -- discovery ------------------------------------------------------------------------------
     def complete(self) -> list[Path]:
@@ -180,7 +180,9 @@ class Checkpointer:
         for stale in self.root.glob("step_*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
         for old in self.complete()[:-self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            step = int(_STEP_DIR.match(old.name).group(1))
+            if not (self.keep_every and step % self.keep_every == 0):
+                shutil.rmtree(old, ignore_errors=True)
 
     # -- load ----------------------------------------------------------------------------------
     def load(self, path: Path, model: torch.nn.Module, engine) -> dict:
@@ -216,9 +218,10 @@ class CheckpointReader:
         self.pieces: dict[str, list[dict]] = {}
         for key, entry in self.commit["index"].items():
             self.pieces.setdefault(entry["tensor"], []).append(dict(entry, key=key))
-        self.trainer = json.loads(self._checked("trainer.json").read_text())
+        self.trainer = json.loads(self.file("trainer.json").read_text())
 
-    def _checked(self, name: str) -> Path:
+    def file(self, name: str) -> Path:
+        """The path of one of the checkpoint's files, checked against the commit record."""
         file = self.path / name
         expected = self.commit["files"].get(name)
         if expected is None or not file.is_file():
@@ -235,7 +238,7 @@ class CheckpointReader:
 
     def _slice(self, piece: dict):
         if piece["file"] not in self._handles:
-            self._handles[piece["file"]] = safe_open(str(self._checked(piece["file"])), "pt")
+            self._handles[piece["file"]] = safe_open(str(self.file(piece["file"])), "pt")
         return self._handles[piece["file"]].get_slice(piece["key"])
 
     def full_shape(self, tensor: str) -> tuple[int, ...]:
@@ -249,7 +252,7 @@ class CheckpointReader:
     def verify_all(self) -> list[str]:
         """Check every file of the checkpoint against the commit record."""
         for name in sorted(self.commit["files"]):
-            self._checked(name)
+            self.file(name)
         return sorted(self.commit["files"])
 
     def has(self, tensor: str) -> bool:
@@ -325,7 +328,7 @@ def load_for_inference(path: Path, device: str | torch.device = "cpu"):
     cfg = from_dict(reader.trainer["config"])
     model = Transformer(cfg.model)
     reader.load_model(model)
-    tokenizer = Tokenizer.load(reader._checked("tokenizer.model"))
+    tokenizer = Tokenizer.load(reader.file("tokenizer.model"))
     return cfg, model.to(device).eval(), tokenizer
 
 
@@ -342,5 +345,5 @@ def export_consolidated(reader: CheckpointReader, out: Path) -> list[Path]:
     files = [out / "model.safetensors", out / "config.yaml", out / "tokenizer.model"]
     save_file(tensors, str(files[0]), metadata={"step": str(reader.trainer["step"]), "format": "competesmoe"})
     files[1].write_text(to_yaml(cfg))
-    shutil.copyfile(reader._checked("tokenizer.model"), files[2])
+    shutil.copyfile(reader.file("tokenizer.model"), files[2])
     return files

@@ -48,6 +48,9 @@ class TrainConfig:
     eval_batches: int = 20
     ckpt_every: int = 500
     keep_last: int = 2
+    # Checkpoints at multiples of keep_every are kept for good (milestones; 0 = none), e.g. for
+    # the expert change rate over a run.
+    keep_every: int = 0
 
     def validate(self, path: str = "train") -> None:
         if self.micro_batch is not None and self.micro_batch < 1:
@@ -56,6 +59,8 @@ class TrainConfig:
                      "eval_batches", "ckpt_every", "keep_last"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{path}.{name} must be >= 1, got {getattr(self, name)}")
+        if self.keep_every < 0:
+            raise ConfigError(f"{path}.keep_every must be >= 0 (0 = no milestones), got {self.keep_every}")
         if self.lr <= 0:
             raise ConfigError(f"{path}.lr must be > 0, got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

@@ -202,13 +202,13 @@ def _train(cfg: Config, stop: "_StopFlag") -> TrainResult:
     schedule = CompetitionSchedule(cfg.seed, len(model.moe_layers), tc.steps,
                                    **_schedule_args(cfg))
     loader = TrainLoader(data.train_tokens(), tc.seq_len, tc.global_batch, cfg.seed, mesh.rank, mesh.world)
-    checkpointer = Checkpointer(run_dir / "checkpoints", mesh, tc.keep_last)
+    checkpointer = Checkpointer(run_dir / "checkpoints", mesh, tc.keep_last, tc.keep_every)
 
     step = 0
     latest = checkpointer.latest()
     if latest is not None:
         state = checkpointer.load(latest, model, engine)
-        _check_resume(state, cfg)
+        _check_resume(state, cfg, log)
         loader.load_state_dict(state["loader"])
         step = state["step"]
         val_loss = state.get("val_loss")
@@ -228,6 +228,16 @@ def _train(cfg: Config, stop: "_StopFlag") -> TrainResult:
         return {"loader": loader.state_dict(), "schedule": schedule.state_dict(), "config": to_dict(cfg),
                 "params": counts, "val_loss": val_loss}
 
+    def validate() -> float:
+        loss = evaluate(model, data.val_tokens(), cfg, mesh, autocast)
+        if metrics:
+            ppl = math.exp(min(loss, 50))
+            metrics.write({"step": step, "val_loss": loss, "val_ppl": ppl},
+                          f"step {step}: validation loss {loss:.4f}, perplexity {ppl:.2f}")
+        return loss
+
+    if step == 0:  # where a fresh run starts from
+        validate()
     stopped = False
     while step < tc.steps:
         lr = lr_at(step, tc)
@@ -276,10 +286,7 @@ def _train(cfg: Config, stop: "_StopFlag") -> TrainResult:
             window = _new_window()
 
         if step % tc.eval_every == 0 or step == tc.steps:
-            val_loss = evaluate(model, data.val_tokens(), cfg, mesh, autocast)
-            if metrics:
-                metrics.write({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))},
-                              f"step {step}: validation loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}")
+            val_loss = validate()
 
         stopped = stop.agreed(mesh)
         if step % tc.ckpt_every == 0 or step == tc.steps or stopped:
@@ -305,7 +312,7 @@ def _schedule_args(cfg: Config) -> dict:
     return dict(omega=c.omega, a_max=c.a_max, warmup_fraction=c.warmup_fraction, mode=mode)
 
 
-def _check_resume(state: dict, cfg: Config) -> None:
+def _check_resume(state: dict, cfg: Config, log) -> None:
     """A checkpoint of another model was already refused tensor by tensor; here the settings
     that change what the resumed steps would compute are compared."""
     saved = state["config"]
@@ -314,6 +321,9 @@ def _check_resume(state: dict, cfg: Config) -> None:
         if saved[key] != now[key]:
             raise CheckpointError(f"run.dir holds a run with {key}={saved[key]}, this command has {now[key]}; "
                                   "use another run.dir or the same setting")
+    if saved["train"]["steps"] != now["train"]["steps"]:
+        log(f"note: train.steps changed from {saved['train']['steps']} to {now['train']['steps']}: the "
+              "learning-rate schedule and the competition schedule are those of the new length from here on")
     for key in ("seq_len", "global_batch"):
         if saved["train"][key] != now["train"][key]:
             raise CheckpointError(f"run.dir holds a run with train.{key}={saved['train'][key]}, this command "

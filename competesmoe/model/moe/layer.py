@@ -93,7 +93,10 @@ class MoELayer(nn.Module):
             routing, aux, stats = self._compete(tokens, num_seqs, backend)
         else:
             routing = self.router(tokens)
-            aux, stats = self._router_losses(routing, num_seqs)
+            if self.training:
+                aux, stats = self._router_losses(routing, num_seqs)
+            else:  # evaluation and inference need no auxiliary losses
+                aux, stats = routing.logits.new_zeros(()), MoEStats(competed=False)
         # 2. dispatch
         dispatched = self.dispatcher.dispatch(tokens, routing.indices)
         # 3. expert compute
