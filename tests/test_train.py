@@ -129,3 +129,13 @@ def test_step_profiler_reports_competition_cost(tmp_path):
     assert by_name["forced"]["competing_layers"] == 2
     for name in ("smoe", "competesmoe", "forced"):
         assert (tmp_path / f"{name}.json").stat().st_size > 10_000  # a chrome trace with events
+
+
+def test_wandb_when_configured_offline(corpus, tmp_path, monkeypatch):
+    """wandb is optional and off by default; configured (offline here: no network), it logs."""
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    args = overrides(corpus, tmp_path / "run", tmp_path / "cache",
+                     **{"train.steps": 2, "run.wandb_project": "competesmoe-test", "run.wandb_mode": "offline"})
+    train(load_config(SMOKE, args))
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
