@@ -46,7 +46,6 @@ class DeepSpeedEngine:
         import deepspeed
         from deepspeed.utils import groups
 
-        self.model, self.mesh = model, mesh
         tc = cfg.train
         deepspeed.init_distributed(dist_backend="nccl" if mesh.device.type == "cuda" else "gloo")
         group_name = f"ep_size_{mesh.ep}"
@@ -78,7 +77,6 @@ class DeepSpeedEngine:
         with _our_moe_layers_count_as_moe():
             self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                      config=ds_config)
-        self.micro_batches = micro_batches
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

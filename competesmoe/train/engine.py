@@ -45,7 +45,7 @@ def grad_norm(named_params: list[tuple[str, nn.Parameter]], mesh: Mesh) -> torch
 
 class TorchEngine:
     def __init__(self, model: nn.Module, cfg: TrainConfig, mesh: Mesh):
-        self.model, self.cfg, self.mesh = model, cfg, mesh
+        self.cfg, self.mesh = cfg, mesh
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.name_of = {id(p): n for n, p in self.named}
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,

@@ -317,10 +317,9 @@ def _check_resume(state: dict, cfg: Config, log) -> None:
     that change what the resumed steps would compute are compared."""
     saved = state["config"]
     now = to_dict(cfg)
-    for key in ("seed",):
-        if saved[key] != now[key]:
-            raise CheckpointError(f"run.dir holds a run with {key}={saved[key]}, this command has {now[key]}; "
-                                  "use another run.dir or the same setting")
+    if saved["seed"] != now["seed"]:
+        raise CheckpointError(f"run.dir holds a run with seed={saved['seed']}, this command has {now['seed']}; "
+                              "use another run.dir or the same setting")
     if saved["train"]["steps"] != now["train"]["steps"]:
         log(f"note: train.steps changed from {saved['train']['steps']} to {now['train']['steps']}: the "
               "learning-rate schedule and the competition schedule are those of the new length from here on")
