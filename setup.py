@@ -26,8 +26,6 @@ setup(
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout>=2.3"],
         "lmeval": ["lm-eval>=0.4"],
-        # megablocks pins torch 2.7 and needs CUDA to build: install it only in an environment built for it.
-        "megablocks": ["megablocks"],
     },
     entry_points={
         "console_scripts": [

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -56,6 +57,16 @@ def _yaml_layers(path: Path, seen: tuple = ()) -> list:
         layer = OmegaConf.load(path)
     except OmegaConfBaseException as err:
         raise _omegaconf_error(err, str(path)) from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML ({problem})") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path}: {err.strerror}") from None
+    if layer is not None and not isinstance(layer, DictConfig):
+        raise ConfigError(f"{path}: a config file must hold a mapping of keys, not a "
+                          f"{type(layer).__name__}")
     base = layer.pop("_base_", None) if isinstance(layer, DictConfig) else None
     below = _yaml_layers(path.parent / base, seen + (path.resolve(),)) if base else []
     return below + [(path, layer)]

@@ -3,8 +3,9 @@
 #
 #   bash launch/local.sh configs/smoke.yaml [key=value ...]
 #
-# SIGTERM or SIGUSR1 stops it after the current step with a checkpoint (exit code 42); the same
-# command resumes the run.
+# SIGTERM, SIGUSR1 or Ctrl-C stops it after the current step with a checkpoint (exit code 42); the
+# same command resumes the run. COMPETESMOE_PYTHON is the interpreter (competesmoe-launch sets it
+# to its own, so that the run uses the environment competesmoe is installed in; default python3).
 set -euo pipefail
 
 if [ "$#" -lt 1 ]; then
@@ -12,4 +13,4 @@ if [ "$#" -lt 1 ]; then
   exit 2
 fi
 
-exec python3 -m competesmoe.train "$@"
+exec "${COMPETESMOE_PYTHON:-python3}" -m competesmoe.train "$@"

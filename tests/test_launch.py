@@ -57,6 +57,9 @@ def test_slurm_dry_run_prints_the_sbatch_command_with_the_layout(capsys, tmp_pat
         "#SBATCH --open-mode=append", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@300",
         "#SBATCH --partition=gpu", "#SBATCH --time=12:00:00"]
     assert "export COMPETESMOE_PROCS_PER_NODE=8\n" in script
+    # the nodes run this interpreter, with its environment first on PATH, not a python3 from PATH
+    assert f"export COMPETESMOE_PYTHON={sys.executable}\n" in script
+    assert f'export PATH={Path(sys.executable).parent}:"$PATH"\n' in script
     assert f"set -- {SMOKE} train.steps=20 run.dir={tmp_path}/run\n" in script
     # the body is the template's, minus its own #SBATCH lines
     body = [line for line in SBATCH_TEMPLATE.read_text().splitlines()[1:] if not line.startswith("#SBATCH")]
@@ -116,10 +119,18 @@ def test_array_spec(spec, ids):
 def test_torchrun_and_local_dry_runs_print_the_script_command(capsys, tmp_path):
     code, out, _ = launch(capsys, "torchrun", SMOKE, "--procs-per-node", "2", f"run.dir={tmp_path}", "--dry-run")
     assert code == 0
-    assert out == f"COMPETESMOE_PROCS_PER_NODE=2 bash {ROOT}/launch/torchrun.sh {SMOKE} run.dir={tmp_path}\n"
+    python = f"COMPETESMOE_PYTHON={sys.executable}"
+    assert out == f"COMPETESMOE_PROCS_PER_NODE=2 {python} bash {ROOT}/launch/torchrun.sh {SMOKE} run.dir={tmp_path}\n"
     code, out, _ = launch(capsys, "local", SMOKE, f"run.dir={tmp_path}", "train.steps=3", "--dry-run")
     assert code == 0
-    assert out == f"bash {ROOT}/launch/local.sh {SMOKE} run.dir={tmp_path} train.steps=3\n"
+    assert out == f"{python} bash {ROOT}/launch/local.sh {SMOKE} run.dir={tmp_path} train.steps=3\n"
+
+
+def bare_env() -> dict:
+    """The environment of a user whose PATH does not hold the virtualenv competesmoe is installed
+    in (a fresh shell): the launchers must still run the trainer with their own interpreter."""
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "COMPETESMOE_PYTHON")}
+    return dict(env, PATH="/usr/bin:/bin", OMP_NUM_THREADS="1")
 
 
 @pytest.mark.slow
@@ -127,7 +138,7 @@ def test_local_launch_trains(corpus, tmp_path):
     """The front end replaces itself with launch/local.sh, which runs the trainer."""
     args = overrides(corpus, tmp_path / "run", tmp_path / "cache", **{"train.steps": 2})
     proc = subprocess.run([sys.executable, "-m", "competesmoe.launcher", "local", str(SMOKE), *args],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env=bare_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_00000002"
 
@@ -234,7 +245,7 @@ time.sleep(60)  # torchrun stops it after rank 0 fails
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("worker_code,expected", [(REQUEUE_EXIT_CODE, REQUEUE_EXIT_CODE), (3, 1)])
+@pytest.mark.parametrize("worker_code,expected", [(REQUEUE_EXIT_CODE, REQUEUE_EXIT_CODE), (3, 3), (2, 2), (5, 1)])
 def test_torchrun_passes_on_the_requeue_exit_code(worker_code, expected, tmp_path):
     (tmp_path / "worker.py").write_text(WORKER)
     proc = subprocess.run([sys.executable, "-m", "competesmoe.launcher.torchrun", "--standalone", "--nproc-per-node=2",
@@ -251,18 +262,20 @@ def test_torchrun_launch_stops_on_sigterm_with_a_checkpoint_and_resumes(corpus, 
     run_dir = tmp_path / "run"
     argv = [sys.executable, "-m", "competesmoe.launcher", "torchrun", str(SMOKE), "--procs-per-node", "2",
             *overrides(corpus, run_dir, tmp_path / "cache", **{"train.steps": 12})]
-    proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=bare_env())
     deadline = time.time() + 300
     while len(logged_steps(run_dir)) < 3 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)  # the same pid: each launcher stage exec's the next
     out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert proc.returncode == REQUEUE_EXIT_CODE, out  # as the single-process trainer: stopped with a checkpoint
     assert "Traceback" not in out
     stopped = int(re.search(r"stopped by signal at step (\d+)", out).group(1))
+    assert f"the run stopped at step {stopped} with a checkpoint" in out
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{stopped:08d}"
 
-    rerun = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=bare_env())
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert f"resumed from {run_dir}/checkpoints/step_{stopped:08d}" in rerun.stdout
     assert logged_steps(run_dir) == list(range(1, 13))
@@ -298,9 +311,11 @@ def smoke_cache(slurm, tmp_path_factory) -> Path:
 
 
 def job_env() -> dict:
-    """The jobs inherit this environment: the python running the tests comes first on PATH."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    """The jobs inherit this environment: a bare PATH without the virtualenv, as a user's fresh
+    shell. Submitted through competesmoe-launch, the script names the interpreter itself; the
+    template submitted by hand is told with COMPETESMOE_PYTHON (launch/slurm.sbatch documents it)."""
+    env = bare_env()
+    env["PATH"] = f"{env['PATH']}{os.pathsep}{os.path.dirname(shutil.which('sbatch') or '/usr/bin/sbatch')}"
     env.pop("COMPETESMOE_PROCS_PER_NODE", None)
     return env
 
@@ -376,7 +391,7 @@ def test_slurm_array_runs_one_sweep_line_per_task(slurm, smoke_cache, tmp_path):
     sweep = tmp_path / "sweep.txt"
     sweep.write_text(f"# one run per seed\nseed=1 run.dir={tmp_path}/seed1\n\nseed=2 run.dir={tmp_path}/seed2\n")
     (tmp_path / "logs").mkdir()
-    env = dict(job_env(), COMPETESMOE_PROCS_PER_NODE="1", COMPETESMOE_SWEEP=str(sweep))
+    env = dict(job_env(), COMPETESMOE_PROCS_PER_NODE="1", COMPETESMOE_SWEEP=str(sweep), COMPETESMOE_PYTHON=sys.executable)
     submit = subprocess.run(
         ["sbatch", "--gpus-per-node=0", "--cpus-per-task=1", "--array=0-1", str(SBATCH_TEMPLATE), str(SMOKE),
          "train.steps=3", f"data.cache_dir={smoke_cache}"], cwd=tmp_path, env=env, capture_output=True, text=True)
@@ -396,7 +411,7 @@ def test_slurm_array_runs_one_sweep_line_per_task(slurm, smoke_cache, tmp_path):
 @pytest.mark.slurm
 def test_slurm_job_that_fails_is_not_requeued(slurm, tmp_path):
     (tmp_path / "logs").mkdir()
-    env = dict(job_env(), COMPETESMOE_PROCS_PER_NODE="1")
+    env = dict(job_env(), COMPETESMOE_PROCS_PER_NODE="1", COMPETESMOE_PYTHON=sys.executable)
     submit = subprocess.run(
         ["sbatch", "--gpus-per-node=0", "--cpus-per-task=1", str(SBATCH_TEMPLATE), str(SMOKE), "train.steps=abc",
          f"run.dir={tmp_path}/run"], cwd=tmp_path, env=env, capture_output=True, text=True)

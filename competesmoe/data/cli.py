@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 from competesmoe.config import load_config
 from competesmoe.data.prepare import prepare_data
-from competesmoe.errors import CompeteSMoEError
+from competesmoe.errors import cli_main
 
 
 def _parse(argv: Optional[Sequence[str]]) -> tuple[Optional[str], list[str]]:
@@ -26,12 +26,12 @@ def _parse(argv: Optional[Sequence[str]]) -> tuple[Optional[str], list[str]]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     config, overrides = _parse(argv)
-    try:
-        cfg = load_config(config, overrides)
-        data = prepare_data(cfg.data, log=lambda line: print(line, file=sys.stderr))
-    except CompeteSMoEError as err:
-        print("error: " + " ".join(str(err).split()), file=sys.stderr)
-        return 2
+    return cli_main(lambda: _prepare(config, overrides))
+
+
+def _prepare(config: Optional[str], overrides: list[str]) -> int:
+    cfg = load_config(config, overrides)
+    data = prepare_data(cfg.data, log=lambda line: print(line, file=sys.stderr))
     meta = data.meta
     print(f"prepared data: {data.directory}")
     print(f"tokenizer: {data.directory / meta['tokenizer']['file']} (vocab {meta['vocab_size']}, "

@@ -95,7 +95,8 @@ class JsonlFile(Source):
         except UnicodeDecodeError as err:
             raise DataError(f"{self.path}:{lineno}: not UTF-8 text (bad byte at column {err.start + 1})") from None
         except json.JSONDecodeError as err:
-            raise DataError(f"{self.path}:{lineno}: not valid JSON ({err.msg})") from None
+            # json's messages end in the position ("Invalid control character at"): give it.
+            raise DataError(f"{self.path}:{lineno}: not valid JSON ({err.msg}: column {err.colno})") from None
         if not isinstance(record, dict) or not isinstance(record.get(self.text_field), str):
             raise DataError(f"{self.path}:{lineno}: expected an object with a string field "
                             f"'{self.text_field}' (set data.text_field to the field holding the text)")

@@ -124,13 +124,15 @@ class TrainLoader:
         return {"samples_seen": self.samples_seen, "seq_len": self.seq_len, "seed": self.seed,
                 "n_windows": self.n_windows}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue from a saved state; it must come from the same data, seq_len and seed."""
+    def load_state_dict(self, state: dict, same_data: bool = True) -> None:
+        """Continue from a saved state; it must come from the same data, seq_len and seed. With
+        same_data=False (the run continues on other data) only the sample count carries over:
+        the next samples are those of that position in the new data's order."""
         missing = {"samples_seen", "seq_len", "seed", "n_windows"} - set(state)
         if missing:
             raise DataError(f"loader state lacks {', '.join(sorted(missing))}")
         mine = self.state_dict()
-        for key in ("seq_len", "seed", "n_windows"):
+        for key in ("seq_len", "seed", "n_windows")[:3 if same_data else 2]:
             if state[key] != mine[key]:
                 raise DataError(f"the saved loader state has {key}={state[key]} but this loader has "
                                 f"{key}={mine[key]}: resuming would not continue the same sample order "

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from competesmoe.config import Config, load_config
-from competesmoe.errors import CompeteSMoEError
+from competesmoe.errors import CompeteSMoEError, cli_main
 from competesmoe.parallel.config import check_layout as check_mesh, micro_batches
 
 LAUNCH_DIR = Path(__file__).resolve().parents[2] / "launch"
@@ -112,14 +112,22 @@ def sbatch_directives(template: str) -> dict[str, str | None]:
     return directives
 
 
+def interpreter_env() -> dict[str, str]:
+    """The interpreter the launched processes must use: this one, whose environment has
+    competesmoe installed (a bare `python3` from PATH may not)."""
+    return {"COMPETESMOE_PYTHON": sys.executable}
+
+
 def render_batch_script(template: str, directives: dict[str, str | None], env: dict[str, str],
                         argv: list[str]) -> str:
     """`template` with its #SBATCH lines replaced by `directives`, and the job's environment and
-    command line fixed in the script, so that the queued script says exactly what will run."""
+    command line fixed in the script, so that the queued script says exactly what will run. The
+    environment of this interpreter (its bin/: a virtualenv's or conda's) comes first on PATH."""
     header = ["#!/bin/bash"]
     header += [f"#SBATCH --{name}" + (f"={value}" if value is not None else "")
                for name, value in directives.items()]
     header += ["# Written by competesmoe-launch from launch/slurm.sbatch."]
+    header += [f'export PATH={shlex.quote(str(Path(sys.executable).parent))}:"$PATH"']
     header += [f"export {name}={shlex.quote(value)}" for name, value in env.items()]
     header += ["set -- " + " ".join(shlex.quote(arg) for arg in argv)]
     body = [line for line in template.splitlines()[1:] if not line.startswith("#SBATCH")]
@@ -162,7 +170,7 @@ def slurm_batch_script(args: argparse.Namespace, config: Path) -> tuple[str, Pat
     for name, value in (("partition", args.partition), ("time", args.time)):
         if value:
             directives[name] = value
-    env = {"COMPETESMOE_PROCS_PER_NODE": str(procs)}
+    env = {"COMPETESMOE_PROCS_PER_NODE": str(procs), **interpreter_env()}
     if sweep:
         directives["array"] = args.array or f"0-{len(sweep) - 1}"
         directives["output"] = directives["output"].replace("%j", "%A_%a")
@@ -183,7 +191,7 @@ def _slurm(args: argparse.Namespace, config: Path) -> int:
 
 
 def _on_this_machine(args: argparse.Namespace, config: Path) -> int:
-    env = dict(os.environ)
+    env = dict(os.environ, **interpreter_env())
     if args.mode == "torchrun":
         import torch
 
@@ -197,6 +205,7 @@ def _on_this_machine(args: argparse.Namespace, config: Path) -> int:
     argv = ["bash", str(script), str(config), *args.overrides]
     if args.dry_run:
         prefix = f"COMPETESMOE_PROCS_PER_NODE={procs} " if args.mode == "torchrun" else ""
+        prefix += f"COMPETESMOE_PYTHON={shlex.quote(sys.executable)} "
         print(prefix + shlex.join(argv))
         return 0
     sys.stdout.flush()
@@ -251,14 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides += rest
-    try:
-        config = args.config.absolute()
-        if args.mode == "slurm":
-            return _slurm(args, config)
-        return _on_this_machine(args, config)
-    except CompeteSMoEError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    config = args.config.absolute()
+    return cli_main(lambda: _slurm(args, config) if args.mode == "slurm" else _on_this_machine(args, config))
 
 
 if __name__ == "__main__":

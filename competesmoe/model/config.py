@@ -13,7 +13,7 @@ from competesmoe.errors import ConfigError
 ROUTERS = ("smoe", "competesmoe", "sigmoid", "xmoe", "sharede_v2", "sharede_v3", "dense")
 ACTIVATIONS = ("relu", "gelu", "silu", "swiglu")
 BALANCE_LOSSES = ("entropy", "switch", "none")
-BACKENDS = ("auto", "torch", "triton", "megablocks")
+BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass

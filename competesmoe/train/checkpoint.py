@@ -29,7 +29,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -68,6 +68,15 @@ def _write_atomic(path: Path, data: str) -> None:
     os.replace(tmp, path)
 
 
+def _unused_name(path: Path) -> Path:
+    """`path`, or `path.1`, `path.2`, ... if it exists."""
+    candidate, n = path, 0
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}.{n}")
+    return candidate
+
+
 def _gather(obj: Any, mesh: Mesh) -> list:
     if not mesh.distributed:
         return [obj]
@@ -92,6 +101,13 @@ def _owned(name: str, rows: dict, mesh: Mesh) -> bool:
     return mesh.rank < mesh.ep if name in rows else mesh.rank == 0
 
 
+def _weights_finite(path: Path) -> bool:
+    try:
+        return json.loads((path / "trainer.json").read_text()).get("weights_finite") is True
+    except (OSError, ValueError):
+        return False
+
+
 class Checkpointer:
     def __init__(self, root: Path, mesh: Mesh, keep_last: int, keep_every: int = 0):
         self.root, self.mesh, self.keep_last, self.keep_every = Path(root), mesh, keep_last, keep_every
@@ -111,6 +127,35 @@ class Checkpointer:
                 return candidate
         done = self.complete()
         return done[-1] if done else None
+
+    def resumable(self, log: Callable[[str], None]) -> Optional["CheckpointReader"]:
+        """The newest checkpoint whose files all match their commit record (collective: the ranks
+        share the checking). A damaged one is renamed `<name>.corrupt`, kept for inspection, with
+        a warning, and the one before it is tried. None for a run without checkpoints; an error
+        if there were checkpoints and none is intact."""
+        candidates = self.complete()
+        for path in reversed(candidates):
+            problem = None
+            try:
+                reader = CheckpointReader(path)
+                names = sorted(reader.commit["files"])
+                for name in names[self.mesh.rank::self.mesh.world]:
+                    reader.file(name)
+            except (CheckpointError, OSError, ValueError) as err:
+                problem = str(err)
+            problems = [p for p in _gather(problem, self.mesh) if p]
+            if not problems:
+                return reader
+            kept = _unused_name(path.with_name(path.name + ".corrupt"))
+            log(f"warning: checkpoint {path} is damaged ({problems[0]}); kept as {kept} for inspection, "
+                "resuming from the checkpoint before it")
+            if self.mesh.is_main:
+                os.replace(path, kept)
+            self.mesh.barrier()
+        if candidates:
+            raise CheckpointError(f"none of the {len(candidates)} checkpoints in {self.root} is intact (each was "
+                                  "set aside as *.corrupt); start a new run.dir or restore a copy")
+        return None
 
     # -- save -----------------------------------------------------------------------------------
     def save(self, step: int, model: torch.nn.Module, engine, trainer_state: dict,
@@ -179,16 +224,21 @@ class Checkpointer:
     def _prune(self) -> None:
         for stale in self.root.glob("step_*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
-        for old in self.complete()[:-self.keep_last]:
+        complete = self.complete()
+        # A run writes only finite checkpoints, but a directory may hold older ones: whatever
+        # keep_last says, the newest one known to be finite stays.
+        finite = [p for p in complete if _weights_finite(p)]
+        protected = finite[-1] if finite else None
+        for old in complete[:-self.keep_last]:
             step = int(_STEP_DIR.match(old.name).group(1))
-            if not (self.keep_every and step % self.keep_every == 0):
+            if old != protected and not (self.keep_every and step % self.keep_every == 0):
                 shutil.rmtree(old, ignore_errors=True)
 
     # -- load ----------------------------------------------------------------------------------
-    def load(self, path: Path, model: torch.nn.Module, engine) -> dict:
-        """Load parameters and optimizer state into this rank's model and engine; returns the
-        trainer state. Every file this rank reads is checked against the commit record."""
-        reader = CheckpointReader(path)
+    def load(self, reader: "CheckpointReader", model: torch.nn.Module, engine) -> dict:
+        """Load parameters, optimizer state and this rank's RNG states into the model and
+        engine; returns the trainer state. Every file this rank reads is checked against the
+        commit record."""
         params = reader.model_tensors(model)
         rows = expert_rows(model)
         optim_state: dict[str, dict[str, torch.Tensor]] = {}
@@ -197,9 +247,13 @@ class Checkpointer:
             if keys:
                 optim_state[name] = {k: reader.read(f"optim.{k}/{name}", param.shape, rows.get(name)) for k in keys}
         engine.load_state(params, optim_state, reader.trainer["optimizer"])
+        # RNG states are per rank: a resharded run (another rank count) keeps its fresh ones.
         rng = f"rng/torch@{self.mesh.rank}"
-        if reader.has(rng):
+        if reader.has(rng) and reader.trainer["layout"]["world"] == self.mesh.world:
             torch.set_rng_state(reader.read(rng))
+            cuda_rng = f"rng/cuda@{self.mesh.rank}"
+            if reader.has(cuda_rng) and self.mesh.device.type == "cuda":
+                torch.cuda.set_rng_state(reader.read(cuda_rng), self.mesh.device)
         return reader.trainer
 
 
@@ -302,6 +356,45 @@ class CheckpointReader:
         with torch.no_grad():
             for name, value in self.model_tensors(model).items():
                 model.get_parameter(name).copy_(value)
+
+
+def verify_checkpoints(path: Path) -> list[tuple[str, str, str]]:
+    """(name, status, detail) for one checkpoint directory, or for every step directory of a run
+    (or its checkpoints/ folder), with or without a commit record. Status: ok, corrupt (a file
+    is missing or fails its size or checksum), nonfinite (weights with NaN/inf), incomplete (no
+    commit record), interrupted (a save that never finished: step_*.tmp, removed by the next save).
+    Directories that training set aside are named step_*.corrupt."""
+    path = Path(path)
+    if (path / "COMMIT.json").is_file():
+        dirs = [path]
+    else:
+        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        dirs = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")) if root.is_dir() else []
+        if not dirs:
+            raise CheckpointError(f"no checkpoint directories (step_*) at {path} (expected a run directory, its "
+                                  "checkpoints/ folder, or a step_* directory)")
+    report = []
+    for d in dirs:
+        if d.name.endswith(".tmp"):
+            report.append((d.name, "interrupted", "a save that did not finish; not a checkpoint"))
+            continue
+        if not (d / "COMMIT.json").is_file():
+            report.append((d.name, "incomplete", "no COMMIT.json: not a checkpoint"))
+            continue
+        try:
+            reader = CheckpointReader(d)
+            files = reader.verify_all()
+            bad = [name for name in reader.tensor_names()
+                   if name.startswith("model/") and not torch.isfinite(reader.read(name)).all()]
+        except (CheckpointError, OSError, ValueError) as err:
+            report.append((d.name, "corrupt", str(err)))
+            continue
+        if bad:
+            report.append((d.name, "nonfinite", f"weights with NaN/inf in {len(bad)} tensor(s), e.g. {bad[0]}"))
+        else:
+            report.append((d.name, "ok", f"step {reader.trainer['step']}: all {len(files)} files match the commit "
+                                         "record; weights finite"))
+    return report
 
 
 def resolve_checkpoint(path: Path) -> Path:

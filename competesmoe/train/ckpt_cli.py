@@ -1,7 +1,9 @@
 """`competesmoe-ckpt`: look inside a checkpoint, verify it, export a consolidated model.
 
     competesmoe-ckpt inspect RUN_DIR_OR_CHECKPOINT        step, layout, config, tensors and sizes
-    competesmoe-ckpt verify  RUN_DIR_OR_CHECKPOINT        check every file against its checksum
+    competesmoe-ckpt verify  RUN_DIR_OR_CHECKPOINT        every step directory of a run (or one
+                                                          checkpoint): files against their checksums,
+                                                          weights finite; exit 1 if any is bad
     competesmoe-ckpt export  RUN_DIR_OR_CHECKPOINT OUT    OUT/model.safetensors + config.yaml +
                                                           tokenizer.model, for evaluation/inference
 """
@@ -11,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from competesmoe.errors import CompeteSMoEError
+from competesmoe.errors import CompeteSMoEError, cli_main
 
 
 def _inspect(reader) -> None:
@@ -38,6 +40,37 @@ def _inspect(reader) -> None:
         print(f"{name:60s} {str(tuple(shape)):>20s} {reader.dtype(name):>10s} {len(pieces):7d}")
 
 
+def _verify(path: Path) -> int:
+    from competesmoe.train.checkpoint import verify_checkpoints
+
+    report = verify_checkpoints(path)
+    width = max(len(name) for name, _, _ in report)
+    for name, status, detail in report:
+        print(f"{status:11s} {name:{width}s}  {detail}")
+    bad = [name for name, status, _ in report if status not in ("ok", "interrupted")]
+    if bad:
+        print(f"{len(bad)} of {len(report)} step directories are not intact checkpoints: {', '.join(bad)}")
+        return 1
+    print(f"all {len(report)} step directories are intact checkpoints whose files match the commit record")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from competesmoe.train.checkpoint import CheckpointReader, export_consolidated, resolve_checkpoint
+
+    if args.command == "verify":
+        return _verify(args.path)
+    reader = CheckpointReader(resolve_checkpoint(args.path))
+    if args.command == "inspect":
+        _inspect(reader)
+    else:
+        if args.out.exists() and not args.out.is_dir():
+            raise CompeteSMoEError(f"export: {args.out} exists and is not a directory; name a new or existing directory")
+        written = export_consolidated(reader, args.out)
+        print(f"exported step {reader.trainer['step']} to {', '.join(str(p) for p in written)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="competesmoe-ckpt", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,23 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "export":
             p.add_argument("out", type=Path)
     args = parser.parse_args(argv)
-    try:
-        from competesmoe.train.checkpoint import CheckpointReader, export_consolidated, resolve_checkpoint
-
-        reader = CheckpointReader(resolve_checkpoint(args.path))
-        if args.command == "inspect":
-            _inspect(reader)
-        elif args.command == "verify":
-            for name in reader.verify_all():
-                print(f"ok  {name}")
-            print(f"{reader.path}: all {len(reader.commit['files'])} files match the commit record")
-        else:
-            written = export_consolidated(reader, args.out)
-            print(f"exported step {reader.trainer['step']} to {', '.join(str(p) for p in written)}")
-    except CompeteSMoEError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return cli_main(lambda: _run(args))
 
 
 if __name__ == "__main__":

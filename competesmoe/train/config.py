@@ -1,6 +1,6 @@
 """Optimisation, schedule, logging and checkpoint cadence of a training run."""
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import List, Optional
 
 from competesmoe.errors import ConfigError
 
@@ -14,6 +14,10 @@ class RunConfig:
     wandb_mode: str = "online"  # online | offline
     # Progress display: auto (a bar in an interactive terminal, log lines otherwise) | bar | log.
     progress: str = "auto"
+    # Resuming refuses a change of the model, the method, the data or the optimisation (see
+    # train/resume.py); keys listed here, or below a listed prefix such as model.moe.competition,
+    # may change. Cadence, logging, the layout and train.steps may always change.
+    allow_changes: List[str] = field(default_factory=list)
 
     def validate(self, path: str = "run") -> None:
         if not self.dir:
@@ -51,6 +55,11 @@ class TrainConfig:
     # Checkpoints at multiples of keep_every are kept for good (milestones; 0 = none), e.g. for
     # the expert change rate over a run.
     keep_every: int = 0
+    # A step whose loss or gradient norm is not finite on some rank is never applied. "skip" goes
+    # on with the next batch, stopping after max_skipped_steps such steps in a row; "stop" stops
+    # at the first. Stopping exits with code 3 and names the last good checkpoint.
+    nonfinite: str = "skip"
+    max_skipped_steps: int = 10
 
     def validate(self, path: str = "train") -> None:
         if self.micro_batch is not None and self.micro_batch < 1:
@@ -71,6 +80,11 @@ class TrainConfig:
             raise ConfigError(f"{path}.grad_clip must be >= 0 (0 disables clipping)")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"{path}.device must be auto, cpu or cuda, got '{self.device}'")
+        if self.nonfinite not in ("skip", "stop"):
+            raise ConfigError(f"{path}.nonfinite must be skip or stop, got '{self.nonfinite}'")
+        if self.max_skipped_steps < 1:
+            raise ConfigError(f"{path}.max_skipped_steps must be >= 1 (use {path}.nonfinite=stop to stop "
+                              f"at the first non-finite step), got {self.max_skipped_steps}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"{path}.precision must be auto, fp32 or bf16, got '{self.precision}'")
 

@@ -76,7 +76,7 @@ def run_case(mesh, router: str, compete: bool, starve_rank: bool) -> None:
     (world * (y * g[share]).sum() + aux).backward()
     engine = TorchEngine(sharded, TrainConfig(), mesh)
     wrong = {n: p.grad.clone() for n, p in sharded.named_parameters()}
-    engine._reduce_gradients()
+    engine.reduce_gradients()
 
     torch.testing.assert_close(y, y_ref[share], **TOL)
     # the input gradient is per rank: its loss carries the factor `world` the reduction removes

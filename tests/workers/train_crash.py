@@ -4,6 +4,8 @@ usage: [torchrun ...] tests/workers/train_crash.py MODE STEP CONFIG [key=value .
   MODE during-save  rank 1 (or 0 in a single process) dies after writing its shard of the
                     checkpoint of STEP, before the checkpoint is committed
   MODE after-save   every rank dies right after the checkpoint of STEP is committed
+  MODE signal-at    STEP:SIGNUM: the process sends itself signal SIGNUM while it computes step STEP
+                    (counted from 1), as a scheduler or Ctrl-C would; nothing is killed
 """
 import os
 import signal
@@ -14,7 +16,9 @@ import torch.distributed as dist
 import competesmoe.train.checkpoint as ckpt
 from competesmoe.train.cli import main
 
-mode, step = sys.argv[1], int(sys.argv[2])
+mode = sys.argv[1]
+step, _, signum = sys.argv[2].partition(":")
+step = int(step)
 rank = int(os.environ.get("RANK", 0))
 victim = min(1, int(os.environ.get("WORLD_SIZE", 1)) - 1)
 
@@ -39,6 +43,19 @@ elif mode == "after-save":
         return path
 
     ckpt.Checkpointer.save = save_then_die
+elif mode == "signal-at":
+    import competesmoe.train.trainer as trainer
+
+    real_step = trainer.train_step
+    calls = []
+
+    def step_with_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            os.kill(os.getpid(), int(signum))
+        return real_step(*args, **kwargs)
+
+    trainer.train_step = step_with_signal
 else:
     raise SystemExit(f"unknown mode {mode}")
 

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from competesmoe.errors import ConfigError
+
 
 def activate(h: Tensor, activation: str) -> Tensor:
     if activation == "relu":
@@ -140,6 +142,17 @@ class TorchBackend:
         return torch.cat(parts, dim=1)
 
 
+def check_backend(name: str, device: torch.device) -> None:
+    """Refuse, before any work, a backend that cannot run on `device`."""
+    if name == "triton":
+        from competesmoe.kernels import triton_usable
+
+        if not triton_usable(device):
+            raise ConfigError(f"model.moe.backend=triton cannot run on {device}: the Triton kernels need a "
+                              "CUDA GPU of compute capability >= 8.0 (on a CPU only under TRITON_INTERPRET=1, "
+                              "for testing); use backend=auto or torch")
+
+
 def resolve_backend(name: str, device: torch.device) -> ExpertBackend:
     """`auto` = our Triton kernels on a CUDA device, pure torch elsewhere."""
     if name == "torch" or (name == "auto" and device.type != "cuda"):
@@ -153,10 +166,6 @@ def resolve_backend(name: str, device: torch.device) -> ExpertBackend:
             raise RuntimeError(f"expert backend 'triton' cannot run on {device}: Triton needs a CUDA "
                                "device (or TRITON_INTERPRET=1 for CPU testing)")
         return TorchBackend()
-    if name == "megablocks":
-        from competesmoe.model.moe.megablocks_backend import MegablocksBackend
-
-        return MegablocksBackend()
     raise ValueError(f"unknown expert backend '{name}'")
 
 

@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO stage 1/2 behind the trainer's engine interface (see train/engine.py).
+"""DeepSpeed ZeRO stage 1/2 behind the engine interface of train/engine.py.
 
 ZeRO partitions the optimizer state (and at stage 2 the gradients) over the data-parallel
 ranks. Expert parameters go into MoE parameter groups named after DeepSpeed's expert-parallel
@@ -13,6 +13,10 @@ partition's squared norm over all ranks, which covers every expert shard once, s
 the norm of the whole model's gradient, as on one device. Both rely on DeepSpeed internals of the
 pinned version (0.19.8); tests/test_parallel.py checks training against a single-process run.
 
+A step whose reduced gradient is not finite is skipped by DeepSpeed itself (its overflow check,
+on for fp32 and, with check_grad_overflow, for bf16); a non-finite loss makes the gradient
+non-finite through the backward, so the same check covers it. `step` reports the outcome.
+
 ZeRO-3 is refused: DeepSpeed does not support MoE parameter groups at stage 3.
 """
 from __future__ import annotations
@@ -21,11 +25,13 @@ import contextlib
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from competesmoe.config import Config
 from competesmoe.model.moe.layer import MoELayer
 from competesmoe.parallel.mesh import Mesh
+from competesmoe.train.engine import StepOutcome, all_finite
 from competesmoe.train.optim import is_expert_param, param_groups
 
 
@@ -47,6 +53,7 @@ class DeepSpeedEngine:
         from deepspeed.utils import groups
 
         tc = cfg.train
+        self.mesh = mesh
         deepspeed.init_distributed(dist_backend="nccl" if mesh.device.type == "cuda" else "gloo")
         group_name = f"ep_size_{mesh.ep}"
         if group_name not in groups._get_expert_data_parallel_group_dict():
@@ -69,7 +76,7 @@ class DeepSpeedEngine:
             "gradient_accumulation_steps": micro_batches,
             "gradient_clipping": tc.grad_clip,
             "zero_optimization": {"stage": cfg.parallel.zero_stage, "overlap_comm": False},
-            "bf16": {"enabled": precision == "bf16"},
+            "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 2**62,
             "wall_clock_breakdown": False,
@@ -85,13 +92,27 @@ class DeepSpeedEngine:
     def backward(self, loss: torch.Tensor) -> None:
         # The trainer already divides the loss by the number of micro-batches.
         self.engine.backward(loss, scale_wrt_gas=False)
-        # DeepSpeed counts micro-batches in step() and updates at the accumulation boundary.
-        self.engine.step()
+        # DeepSpeed counts micro-batches in its step() and updates only at the accumulation
+        # boundary; before the boundary the call only advances that count.
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()
 
-    def step(self) -> float:
+    def step(self, loss: torch.Tensor) -> StepOutcome:
+        self.engine.step()
+        applied = self.engine.was_step_applied()
         norm = self.engine.get_global_grad_norm()
-        value = float(norm) if norm is not None else float("nan")
-        return value if math.isfinite(value) else float("nan")
+        value = float(norm) if norm is not None else math.nan
+        # The loss is checked too, for the report: a non-finite loss whose gradient stayed finite
+        # (not seen in practice) was applied by DeepSpeed, and is reported as not applied so that
+        # the run's non-finite policy sees it.
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+        if self.mesh.distributed:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        applied = applied and bad.item() == 0.0
+        return StepOutcome(value if math.isfinite(value) else math.nan, applied)
+
+    def params_finite(self) -> bool:
+        return all_finite([p for _, p in self.named], self.mesh)
 
     # -- state, by parameter name (collective: every rank calls these in the same order) --------
     def param_tensors(self) -> dict[str, torch.Tensor]:
