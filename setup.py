@@ -33,7 +33,7 @@ setup(
             "competesmoe-data=competesmoe.data.cli:main",
             "competesmoe-ckpt=competesmoe.train.ckpt_cli:main",
             "competesmoe-launch=competesmoe.launcher.cli:main",
-            "competesmoe-profile=competesmoe.kernels.profile:main",
+            "competesmoe-profile=competesmoe.profiling.kernels:main",
             "competesmoe-eval=competesmoe.eval.cli:main",
             "competesmoe-plot=competesmoe.eval.plots:main",
         ],

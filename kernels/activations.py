@@ -10,11 +10,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-ACTIVATIONS = ("relu", "gelu", "silu", "swiglu")
-
-
-def w1_columns(hidden: int, activation: str) -> int:
-    return 2 * hidden if activation == "swiglu" else hidden
+from .spec import ACTIVATIONS, w1_columns
 
 
 def check_expert_inputs(x: Tensor, w1: Tensor, w2: Tensor, activation: str) -> None:

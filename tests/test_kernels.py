@@ -208,7 +208,7 @@ def test_kernel_matches_float64_reference(interpreter_results, case, dtype_name)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_compiled_kernels_on_gpu():
     """The compiled kernels, bf16 included, against TorchBackend in float64 (autotuning included)."""
-    from competesmoe.kernels.profile import run_checks
+    from competesmoe.profiling.kernels import run_checks
 
     assert run_checks(torch.device("cuda")) == 0
 

@@ -113,7 +113,7 @@ def test_corrupt_shard_is_reported(corpus, tmp_path, capsys):
 
 
 def test_step_profiler_reports_competition_cost(tmp_path):
-    from competesmoe.train.profile_steps import profile_training_steps
+    from competesmoe.profiling.steps import profile_training_steps
 
     cfg = load_config(SMOKE, ["model.vocab_size=512", "model.n_layers=2", "model.d_model=32", "model.n_heads=2",
                               "model.moe.num_experts=4", "model.moe.expert_hidden=8", "train.seq_len=16",

@@ -1,5 +1,5 @@
 """The kernel and training-step profiler; the same as the `competesmoe-profile` command."""
-from competesmoe.kernels.profile import main
+from competesmoe.profiling.kernels import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

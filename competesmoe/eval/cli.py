@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from competesmoe.errors import CompeteSMoEError
+from competesmoe.errors import CompeteSMoEError, cli_main
 from competesmoe.eval.distributed import init_from_env
 from competesmoe.eval.perplexity import read_text_file, text_perplexity, validation_perplexity, validation_requests
 from competesmoe.eval.scoring import Scorer
@@ -79,16 +79,17 @@ def _positive(text: str) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if argv[:1] == ["routing"]:
-            return _routing(_routing_parser().parse_args(argv[1:]))
-        return _evaluate(_eval_parser().parse_args(argv))
-    except CompeteSMoEError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+
+    def run() -> int:
+        try:
+            if argv[:1] == ["routing"]:
+                return _routing(_routing_parser().parse_args(argv[1:]))
+            return _evaluate(_eval_parser().parse_args(argv))
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    return cli_main(run)
 
 
 # -- evaluation -----------------------------------------------------------------------------------

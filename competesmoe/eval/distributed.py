@@ -7,13 +7,13 @@ rank ends with the full results and follows the same control flow; rank 0 report
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from competesmoe.parallel.mesh import join_process_group
 
 T = TypeVar("T")
 
@@ -60,12 +60,6 @@ def _torch_all_gather(obj: Any) -> list:
 
 
 def init_from_env(device: torch.device) -> Group:
-    """The torchrun process group (gloo on CPU, nccl on GPU) when WORLD_SIZE > 1, else LOCAL."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
-        return LOCAL
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(minutes=30),
-                                device_id=device if device.type == "cuda" else None)
-    return Group(rank=dist.get_rank(), world=dist.get_world_size(), all_gather=_torch_all_gather)
+    """The torchrun process group when WORLD_SIZE > 1, else LOCAL."""
+    rank, world = join_process_group(device)
+    return LOCAL if world == 1 else Group(rank=rank, world=world, all_gather=_torch_all_gather)

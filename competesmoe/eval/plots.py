@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from competesmoe.errors import CompeteSMoEError
+from competesmoe.errors import CompeteSMoEError, cli_main
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -199,14 +199,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--routing", nargs="+", type=Path, default=[],
                         help="routing reports written by `competesmoe-eval routing --out`")
     args = parser.parse_args(argv)
-    try:
-        written = plot_runs(args.runs, args.out, args.routing)
-    except CompeteSMoEError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    for path in written:
-        print(path)
-    return 0
+
+    def run() -> int:
+        for path in plot_runs(args.runs, args.out, args.routing):
+            print(path)
+        return 0
+
+    return cli_main(run)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from competesmoe.errors import ConfigError
+from competesmoe.kernels.spec import ACTIVATIONS
 
 ROUTERS = ("smoe", "competesmoe", "sigmoid", "xmoe", "sharede_v2", "sharede_v3", "dense")
-ACTIVATIONS = ("relu", "gelu", "silu", "swiglu")
 BALANCE_LOSSES = ("entropy", "switch", "none")
 BACKENDS = ("auto", "torch", "triton")
 

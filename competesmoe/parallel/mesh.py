@@ -67,19 +67,26 @@ def pick_device(requested: str) -> torch.device:
     return torch.device("cuda", local)
 
 
-def init_mesh(ep: int, num_experts: int, device: str = "auto") -> Mesh:
-    """Join the process group started by torchrun (if any) and build the mesh's groups; nccl on
-    GPU, gloo on CPU. A plain `python` start is a world of one."""
-    dev = pick_device(device)
+def join_process_group(device: torch.device) -> tuple[int, int]:
+    """(rank, world) of this process: joins the process group torchrun started (nccl on GPU, gloo
+    on CPU) when WORLD_SIZE > 1; a plain `python` start is rank 0 of a world of one."""
     world = int(os.environ.get("WORLD_SIZE", 1))
-    check_layout(world, ep, num_experts)
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(minutes=30),
+                                device_id=device if device.type == "cuda" else None)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def init_mesh(ep: int, num_experts: int, device: str = "auto") -> Mesh:
+    """Join the process group (if any) and build the mesh's groups."""
+    dev = pick_device(device)
+    check_layout(int(os.environ.get("WORLD_SIZE", 1)), ep, num_experts)
+    rank, world = join_process_group(dev)
     if world == 1:
         return Mesh(world=1, rank=0, ep=ep, device=dev)
-    if not dist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(minutes=30),
-                                device_id=dev if dev.type == "cuda" else None)
-    rank = dist.get_rank()
     ep_group = expert_dp_group = None
     # new_group must be called by every rank for every group, in the same order.
     for start in range(0, world, ep):

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from competesmoe.errors import ConfigError
+from competesmoe.kernels.spec import expert_flops_per_token, w1_columns  # noqa: F401 (re-exported)
 
 
 def activate(h: Tensor, activation: str) -> Tensor:
@@ -37,16 +38,6 @@ def activate(h: Tensor, activation: str) -> Tensor:
     raise ValueError(f"unknown activation '{activation}'")
 
 
-def hidden_columns(hidden: int, activation: str) -> int:
-    """Columns of W1: swiglu needs a gate and an up projection."""
-    return 2 * hidden if activation == "swiglu" else hidden
-
-
-def expert_flops_per_token(d: int, hidden: int, activation: str) -> int:
-    """Forward matmul FLOPs of one expert on one token."""
-    return 2 * d * hidden_columns(hidden, activation) + 2 * hidden * d
-
-
 class Experts(nn.Module):
     """E two-layer MLPs held as stacked tensors. `first_expert` is the global id of row 0, so a
     shard under expert parallelism knows which experts it holds."""
@@ -56,7 +47,7 @@ class Experts(nn.Module):
         super().__init__()
         self.num_experts, self.d_model, self.hidden, self.activation = num_experts, d_model, hidden, activation
         self.first_expert = first_expert
-        self.w1 = nn.Parameter(torch.empty(num_experts, d_model, hidden_columns(hidden, activation)))
+        self.w1 = nn.Parameter(torch.empty(num_experts, d_model, w1_columns(hidden, activation)))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, d_model))
         nn.init.normal_(self.w1, std=d_model ** -0.5)
         nn.init.normal_(self.w2, std=out_init_std)
@@ -80,7 +71,7 @@ class ExpertBackend(Protocol):
     def scores(self, x: Tensor, w1: Tensor, w2: Tensor, activation: str) -> Tensor: ...
 
 
-def _grouped_mm_supported(x: Tensor, w: Tensor) -> bool:
+def grouped_mm_supported(x: Tensor, w: Tensor) -> bool:
     """torch's grouped_mm takes fp32/fp16/bf16 with 16-byte aligned rows on CPU, bf16 on CUDA."""
     if x.device.type == "cuda":
         return x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
@@ -108,7 +99,7 @@ def _padded_grouped_mm(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
 
 def grouped_matmul(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
     """out[rows of group e] = x[rows of group e] @ w[e]; rows are grouped by `offsets`."""
-    if _grouped_mm_supported(x, w):
+    if grouped_mm_supported(x, w):
         return F.grouped_mm(x, w, offs=offsets)
     return _padded_grouped_mm(x, w, offsets)
 

@@ -23,7 +23,7 @@ from competesmoe.model.config import MoEConfig
 from competesmoe.model.moe import competition as comp
 from competesmoe.model.moe.dispatch import LocalDispatcher
 from competesmoe.model.moe.experts import (ExpertBackend, Experts, activate, expert_flops_per_token,
-                                          hidden_columns, init_std_out, resolve_backend)
+                                          w1_columns, init_std_out, resolve_backend)
 from competesmoe.model.moe.losses import router_balance, upcast, z_loss
 from competesmoe.model.moe.routers import Routing, build_router
 
@@ -49,7 +49,7 @@ class FeedForward(nn.Module):
     def __init__(self, d_model: int, hidden: int, activation: str, out_init_std: float):
         super().__init__()
         self.activation = activation
-        self.w1 = nn.Linear(d_model, hidden_columns(hidden, activation), bias=False)
+        self.w1 = nn.Linear(d_model, w1_columns(hidden, activation), bias=False)
         self.w2 = nn.Linear(hidden, d_model, bias=False)
         nn.init.normal_(self.w1.weight, std=d_model ** -0.5)
         nn.init.normal_(self.w2.weight, std=out_init_std)

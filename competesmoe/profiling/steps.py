@@ -24,7 +24,10 @@ from torch.profiler import ProfilerActivity, profile
 
 from competesmoe.config import Config
 from competesmoe.model.moe.schedule import CompetitionSchedule
-from competesmoe.model.transformer import Transformer, lm_loss
+from competesmoe.model.transformer import Transformer
+from competesmoe.parallel.mesh import Mesh
+from competesmoe.train.engine import TorchEngine
+from competesmoe.train.step import train_step
 
 
 def _variant(cfg: Config, name: str) -> Config:
@@ -47,7 +50,9 @@ def profile_variant(cfg: Config, name: str, device: torch.device, warmup: int, s
     cfg = _variant(cfg, name)
     torch.manual_seed(cfg.seed)
     model = Transformer(cfg.model).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+    # The trainer's own step and engine (one process): what is timed is what training runs.
+    engine = TorchEngine(model, cfg.train, Mesh(world=1, rank=0, ep=1, device=device))
+    engine.set_lr(cfg.train.lr)
     n_moe = len(model.moe_layers)
     c = cfg.model.moe.competition
     total = warmup + steps
@@ -59,13 +64,8 @@ def profile_variant(cfg: Config, name: str, device: torch.device, warmup: int, s
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
 
     def step(t: int) -> float:
-        with autocast():
-            out = model(tokens[:, :-1], sched.competes(t))
-            loss = lm_loss(out.logits, tokens[:, 1:]) + out.aux_loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return sum(s.competition_flops for s in out.moe_stats)
+        out = train_step(model, engine, tokens[:, :-1], tokens[:, 1:], sched.competes(t), 1, autocast)
+        return sum(s.competition_flops for s in out.moe_stats[0])
 
     for t in range(warmup):
         step(t)

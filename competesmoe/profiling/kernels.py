@@ -15,7 +15,7 @@
 
 --activation takes a comma-separated list. Modes are flags of one mutually exclusive group,
 so a whole-step mode can join them.
-The installed entry point is competesmoe.kernels.profile:main (tools/profile_kernels.py calls it).
+The installed entry point is competesmoe.profiling.kernels:main (tools/profile_kernels.py calls it).
 """
 from __future__ import annotations
 
@@ -30,11 +30,12 @@ from functools import partial
 
 import torch
 
-# _grouped_mm_supported tells which torch kernel the baseline's mlp runs, for the table
-from competesmoe.model.moe.experts import TorchBackend, _grouped_mm_supported, expert_flops_per_token, hidden_columns
+from competesmoe.errors import cli_main
+from competesmoe.kernels.spec import ACTIVATIONS, expert_flops_per_token, w1_columns
+# grouped_mm_supported tells which torch kernel the baseline's mlp runs, for the table
+from competesmoe.model.moe.experts import TorchBackend, grouped_mm_supported
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-ACTIVATIONS = ("relu", "gelu", "silu", "swiglu")
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def ragged_offsets(rows: int, experts: int, gen: torch.Generator, empty: tuple[i
 
 
 def _expert_inputs(rows: int, shape: Shape, activation: str, dtype, device, gen) -> tuple[torch.Tensor, ...]:
-    cols = hidden_columns(shape.hidden, activation)
+    cols = w1_columns(shape.hidden, activation)
     x = torch.randn(rows, shape.d, generator=gen)
     w1 = torch.randn(shape.experts, shape.d, cols, generator=gen) * shape.d ** -0.5
     w2 = torch.randn(shape.experts, shape.hidden, shape.d, generator=gen) * shape.hidden ** -0.5
@@ -189,7 +190,7 @@ def _workloads(shape: Shape, activation: str, dtype, device):
          runner(lambda b, x_, w1_, w2_: b.scores(x_, w1_, w2_, activation), (x, w1, w2)), "torch/checkpoint"),
         ("mlp", rows * per_token,
          runner(lambda b, x_, w1_, w2_: b.mlp(x_, offsets, w1_, w2_, activation), (xs, w1, w2)),
-         "torch/grouped_mm" if _grouped_mm_supported(xs, w1) else "torch/padded_bmm"),
+         "torch/grouped_mm" if grouped_mm_supported(xs, w1) else "torch/padded_bmm"),
     ]
 
 
@@ -289,6 +290,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    return cli_main(lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     shapes = [SHAPES[s] for s in args.shapes]
     if args.check:
@@ -299,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         from pathlib import Path
 
         from competesmoe.config import load_config
-        from competesmoe.train.profile_steps import profile_training_steps
+        from competesmoe.profiling.steps import profile_training_steps
 
         profile_training_steps(load_config(args.steps, args.overrides), device, steps=args.iters,
                                trace_dir=Path(args.trace_dir) if args.trace_dir else None,
