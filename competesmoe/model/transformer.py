@@ -6,6 +6,9 @@ built model by swapping each MoE layer's dispatcher and slicing its experts.
     model = Transformer(cfg)
     out = model(tokens, compete=[False, True, ...])   # one flag per MoE layer, or None
     loss = lm_loss(out.logits, targets) + out.aux_loss
+
+Incremental decoding (generation) passes a KVCache: each forward then reads the new tokens only,
+at positions after those already cached (competesmoe.model.generate has the sampling loop).
 """
 from __future__ import annotations
 
@@ -32,6 +35,60 @@ def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
+class LayerCache:
+    """One attention layer's keys (after RoPE) and values of the positions seen so far, in buffers
+    of a fixed capacity so that appending a token copies only that token."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.length = capacity, 0
+        self.k: Optional[Tensor] = None  # [B, H, capacity, head_dim]
+        self.v: Optional[Tensor] = None
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store the new positions' k, v [B, H, n, head_dim]; return all positions' k, v."""
+        if self.k is None:
+            shape = (*k.shape[:2], self.capacity, k.shape[-1])
+            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+        end = self.length + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions, {end} needed")
+        self.k[:, :, self.length:end], self.v[:, :, self.length:end] = k, v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache:
+    """The keys and values of every attention layer, for incremental decoding of a batch.
+
+    `pad` [B, P] marks left padding of prompts of different lengths: no real position attends to
+    it (a padding position attends to itself only, so that no attention row is empty). RoPE only
+    sees relative positions, so a left-padded prompt gives the same logits as the prompt alone."""
+
+    def __init__(self, n_layers: int, capacity: int, pad: Optional[Tensor] = None):
+        self.layers = [LayerCache(capacity) for _ in range(n_layers)]
+        self.pad = pad
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+    def mask(self, n: int, device: torch.device) -> Optional[Tensor]:
+        """Which keys each of the next n queries may see, [B or 1, 1, n, length + n] (True = may),
+        or None when plain causal attention is right (no padding, and nothing cached or one query)."""
+        start, total = self.length, self.length + n
+        if self.pad is None and (start == 0 or n == 1):
+            return None
+        query = torch.arange(start, total, device=device)[:, None]
+        key = torch.arange(total, device=device)[None, :]
+        allowed = key <= query
+        if self.pad is not None:
+            width = min(total, self.pad.shape[1])
+            pad = torch.zeros(self.pad.shape[0], total, dtype=torch.bool, device=device)
+            pad[:, :width] = self.pad[:, :width]
+            allowed = allowed & (~pad[:, None, :] | (key == query))
+        return allowed.view(-1, 1, n, total)
+
+
 class RotaryEmbedding(nn.Module):
     """RoPE on the first `dims` dimensions of each head (rotate-half pairing); the rest pass."""
 
@@ -41,10 +98,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", base ** (-torch.arange(0, dims, 2, dtype=torch.float32) / max(dims, 1)),
                              persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:  # x: [B, H, N, head_dim]
+    def forward(self, x: Tensor, offset: int = 0) -> Tensor:  # x: [B, H, N, head_dim] at positions offset..
         if self.dims == 0:
             return x
-        pos = torch.arange(x.shape[2], device=x.device, dtype=torch.float32)
+        pos = torch.arange(offset, offset + x.shape[2], device=x.device, dtype=torch.float32)
         angles = torch.outer(pos, self.inv_freq)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         rot, rest = x[..., :self.dims], x[..., self.dims:]
@@ -63,10 +120,19 @@ class Attention(nn.Module):
         nn.init.normal_(self.qkv.weight, std=cfg.d_model ** -0.5)
         nn.init.normal_(self.out.weight, std=init_std_out(inner, cfg.n_layers))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: Optional[LayerCache] = None, mask: Optional[Tensor] = None) -> Tensor:
+        """Without a cache: causal attention over x. With one: x holds the positions after the
+        cached ones, which it attends to as well; `mask` is KVCache.mask's."""
         b, n, _ = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(self.rope(q), self.rope(k), v, is_causal=True)
+        offset = cache.length if cache is not None else 0
+        q, k = self.rope(q, offset), self.rope(k, offset)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        if mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:  # causal, or one query after the cache (it sees every key)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=offset == 0 and n > 1)
         return self.out(y.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -87,8 +153,9 @@ class Block(nn.Module):
     def is_moe(self) -> bool:
         return isinstance(self.ffn, MoELayer)
 
-    def forward(self, x: Tensor, compete: bool) -> tuple[Tensor, Optional[Tensor], Optional[MoEStats]]:
-        x = x + self.attn(self.attn_norm(x))
+    def forward(self, x: Tensor, compete: bool, cache: Optional[LayerCache] = None,
+                mask: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor], Optional[MoEStats]]:
+        x = x + self.attn(self.attn_norm(x), cache, mask)
         y, aux, stats = self.ffn(self.ffn_norm(x), compete)
         return x + y, aux, stats
 
@@ -112,18 +179,21 @@ class Transformer(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.blocks if b.is_moe]
 
-    def forward(self, tokens: Tensor, compete: Optional[Sequence[bool]] = None) -> ModelOutput:
-        """`compete[i]` asks the i-th MoE layer for a competition step (training mode only)."""
+    def forward(self, tokens: Tensor, compete: Optional[Sequence[bool]] = None,
+                cache: Optional[KVCache] = None) -> ModelOutput:
+        """`compete[i]` asks the i-th MoE layer for a competition step (training mode only).
+        With a `cache`, `tokens` are the positions after the cached ones, and are cached in turn."""
         n_moe = len(self.moe_layers)
         if compete is not None and len(compete) != n_moe:
             raise ValueError(f"compete has {len(compete)} flags for {n_moe} MoE layers")
+        mask = cache.mask(tokens.shape[1], tokens.device) if cache is not None else None
         x = self.embed(tokens)
         aux_total = x.new_zeros((), dtype=torch.float32)
         stats: list[MoEStats] = []
         moe_index = 0
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             flag = bool(compete[moe_index]) if (compete is not None and block.is_moe) else False
-            x, aux, layer_stats = block(x, flag)
+            x, aux, layer_stats = block(x, flag, cache.layers[i] if cache is not None else None, mask)
             if block.is_moe:
                 aux_total = aux_total + aux
                 stats.append(layer_stats)
