@@ -4,6 +4,10 @@
     competesmoe-ckpt verify  RUN_DIR_OR_CHECKPOINT        check every file against its checksum
     competesmoe-ckpt export  RUN_DIR_OR_CHECKPOINT OUT    OUT/model.safetensors + config.yaml +
                                                           tokenizer.model, for evaluation/inference
+    competesmoe-ckpt export  RUN_DIR_OR_CHECKPOINT OUT --format hf
+                             a Hugging Face directory: AutoModelForCausalLM (trust_remote_code=True)
+                             and AutoTokenizer load it (--format hf-native: a transformers
+                             architecture without remote code, for the configs that map exactly)
 """
 from __future__ import annotations
 
@@ -47,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("path", type=Path)
         if name == "export":
             p.add_argument("out", type=Path)
+            p.add_argument("--format", choices=("consolidated", "hf", "hf-native"), default="consolidated",
+                           help="consolidated (default): our own single-file format; hf: Hugging Face "
+                                "transformers with our modeling code; hf-native: a native transformers "
+                                "architecture (dense-router models only)")
     args = parser.parse_args(argv)
     try:
         from competesmoe.train.checkpoint import CheckpointReader, export_consolidated, resolve_checkpoint
@@ -58,9 +66,17 @@ def main(argv: list[str] | None = None) -> int:
             for name in reader.verify_all():
                 print(f"ok  {name}")
             print(f"{reader.path}: all {len(reader.commit['files'])} files match the commit record")
-        else:
+        elif args.format == "consolidated":
             written = export_consolidated(reader, args.out)
             print(f"exported step {reader.trainer['step']} to {', '.join(str(p) for p in written)}")
+        else:
+            from competesmoe.export.hf import export_checkpoint
+
+            written = export_checkpoint(reader, args.out, args.format)
+            print(f"exported step {reader.trainer['step']} ({args.format}) to {args.out}: "
+                  f"{', '.join(p.name for p in written)}")
+            print(f"load it with transformers.AutoModelForCausalLM.from_pretrained('{args.out}'"
+                  f"{', trust_remote_code=True' if args.format == 'hf' else ''}) and AutoTokenizer")
     except CompeteSMoEError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
