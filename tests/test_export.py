@@ -52,7 +52,7 @@ def sp_model(corpus) -> bytes:
 
 def random_model(router: str, tie: bool = False, activation: str = "", **extra) -> Transformer:
     torch.manual_seed(0)
-    activation = activation or ("gelu" if router == "dense" else "swiglu")
+    activation = activation or ("gelu" if router == "dense" and extra.get("norm") != "rmsnorm" else "swiglu")
     cfg = ModelConfig(vocab_size=512, d_model=32, n_layers=3, n_heads=2, tie_embeddings=tie,
                       moe=MoEConfig(router=router, num_experts=5, top_k=2, expert_hidden=12, activation=activation,
                                     num_shared_experts=2),
@@ -81,7 +81,7 @@ def hf_new_tokens(generated: torch.Tensor, prompt_width: int, eos: int) -> list[
 # -- logits and generate() of every router ------------------------------------------------------
 @pytest.mark.parametrize("router", ROUTERS)
 def test_remote_code_logits_and_greedy_generation_equal_ours(router, sp_model, tmp_path):
-    extra = {"moe_every": 2} if router == "smoe" else {"head_dim": 12, "rope_fraction": 0.25}
+    extra = {"moe_every": 2, "norm": "rmsnorm"} if router == "smoe" else {"head_dim": 12, "rope_fraction": 0.25}
     model = random_model(router, tie=router == "sigmoid", **extra)
     hf = AutoModelForCausalLM.from_pretrained(export(model, sp_model, tmp_path / router), trust_remote_code=True)
     assert type(hf).__name__ == "CompeteSMoEForCausalLM" and not hf.training
@@ -99,13 +99,26 @@ def test_remote_code_logits_and_greedy_generation_equal_ours(router, sp_model, t
     assert hf_new_tokens(out, width, eos=-1) == generate(model, prompts, 10)
 
 
-@pytest.mark.parametrize("activation,tie,rope_fraction", [("gelu", False, 0.5), ("relu", True, 1.0), ("silu", False, 0.25)])
-def test_dense_router_exports_as_native_gpt_neox(activation, tie, rope_fraction, sp_model, tmp_path):
-    model = random_model("dense", tie=tie, activation=activation, rope_fraction=rope_fraction)
-    out = export(model, sp_model, tmp_path / "neox", fmt="hf-native")
+NATIVE = [  # (architecture, our config)
+    ("GPTNeoXForCausalLM", dict(router="dense", activation="gelu", rope_fraction=0.5)),
+    ("GPTNeoXForCausalLM", dict(router="dense", activation="relu", rope_fraction=1.0, tie=True)),
+    ("LlamaForCausalLM", dict(router="dense", norm="rmsnorm", rope_fraction=1.0)),
+    ("MixtralForCausalLM", dict(router="smoe", norm="rmsnorm", rope_fraction=1.0)),
+    ("MixtralForCausalLM", dict(router="competesmoe", norm="rmsnorm", rope_fraction=1.0, head_dim=12, tie=True)),
+]
+
+
+@pytest.mark.parametrize("architecture,settings", NATIVE, ids=[f"{a}-{s['router']}" for a, s in NATIVE])
+def test_native_export_computes_what_ours_computes(architecture, settings, sp_model, tmp_path):
+    model = random_model(**settings)
+    with torch.no_grad():  # norms away from their init, so that a norm mapped wrong shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.2)
+    out = export(model, sp_model, tmp_path / "native", fmt="hf-native")
     assert not (out / "modeling_competesmoe.py").exists()
     hf = AutoModelForCausalLM.from_pretrained(out)  # no remote code
-    assert type(hf).__name__ == "GPTNeoXForCausalLM"
+    assert type(hf).__name__ == architecture
     tokens = batch(2)
     with torch.no_grad():
         torch.testing.assert_close(hf(tokens).logits, model(tokens).logits, rtol=0, atol=1e-5)
@@ -116,13 +129,18 @@ def test_dense_router_exports_as_native_gpt_neox(activation, tie, rope_fraction,
     assert hf_new_tokens(out, 7, eos=-1) == generate(model, prompts, 10)
 
 
-@pytest.mark.parametrize("router,why", [("competesmoe", "no MoE architecture"), ("dense", "gated")])
-def test_native_export_refuses_what_it_cannot_express(router, why, sp_model, tmp_path):
+@pytest.mark.parametrize("settings,why", [
+    (dict(router="competesmoe"), "RMSNorm"),
+    (dict(router="dense", activation="swiglu"), "gated"),
+    (dict(router="sigmoid", norm="rmsnorm", rope_fraction=1.0), "routes unlike Mixtral"),
+    (dict(router="smoe", norm="rmsnorm", rope_fraction=0.5), "rope_fraction=1"),
+    (dict(router="smoe", norm="rmsnorm", rope_fraction=1.0, moe_every=2), "moe_every=1"),
+])
+def test_native_export_refuses_what_it_cannot_express(settings, why, sp_model, tmp_path):
     from competesmoe.errors import CompeteSMoEError
 
-    model = random_model(router, activation="swiglu")
     with pytest.raises(CompeteSMoEError, match=why):
-        export(model, sp_model, tmp_path / "x", fmt="hf-native")
+        export(random_model(**settings), sp_model, tmp_path / "x", fmt="hf-native")
     assert not (tmp_path / "x").exists()
 
 

@@ -6,8 +6,8 @@
                                                           tokenizer.model, for evaluation/inference
     competesmoe-ckpt export  RUN_DIR_OR_CHECKPOINT OUT --format hf
                              a Hugging Face directory: AutoModelForCausalLM (trust_remote_code=True)
-                             and AutoTokenizer load it (--format hf-native: a transformers
-                             architecture without remote code, for the configs that map exactly)
+                             and AutoTokenizer load it (--format hf-native: Mixtral, Llama or
+                             GPT-NeoX without remote code, for the configs they compute exactly)
 """
 from __future__ import annotations
 
@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("out", type=Path)
             p.add_argument("--format", choices=("consolidated", "hf", "hf-native"), default="consolidated",
                            help="consolidated (default): our own single-file format; hf: Hugging Face "
-                                "transformers with our modeling code; hf-native: a native transformers "
-                                "architecture (dense-router models only)")
+                                "transformers with our modeling code (any config); hf-native: Mixtral, Llama "
+                                "or GPT-NeoX, for the configs they compute exactly (see the README)")
     args = parser.parse_args(argv)
     try:
         from competesmoe.train.checkpoint import CheckpointReader, export_consolidated, resolve_checkpoint

@@ -5,7 +5,7 @@
     tokenizer = AutoTokenizer.from_pretrained(DIR)
 
 This file needs torch and transformers only (not competesmoe). It is the inference side of
-competesmoe's Transformer: a pre-LN decoder with LayerNorm (weight and bias), fused qkv
+competesmoe's Transformer: a pre-norm decoder (LayerNorm with weight and bias, or RMSNorm), fused qkv
 attention without bias, RoPE on the first `rope_dims` dimensions of each head (rotate-half
 pairing), and in every `moe_every`-th layer a dropless MoE feed-forward layer of bias-free expert
 MLPs act(x W1) W2 (the other layers: one dense MLP of width top_k * expert_hidden). Tokens are
@@ -31,7 +31,7 @@ class CompeteSMoEConfig(PretrainedConfig):
     model_type = "competesmoe"
 
     def __init__(self, vocab_size=8000, hidden_size=512, num_hidden_layers=16, num_attention_heads=4,
-                 head_dim=128, rope_dims=64, rope_theta=10000.0, layer_norm_eps=1e-5, moe_every=1,
+                 head_dim=128, rope_dims=64, rope_theta=10000.0, norm="layernorm", layer_norm_eps=1e-5, moe_every=1,
                  router="smoe", num_experts=64, num_experts_per_tok=8, expert_hidden=128,
                  activation="relu", num_shared_experts=0, xmoe_dim=32, xmoe_temperature=0.3,
                  xmoe_embedding_norm=1.5, max_position_embeddings=2048, tie_word_embeddings=False,
@@ -39,7 +39,7 @@ class CompeteSMoEConfig(PretrainedConfig):
         self.vocab_size, self.hidden_size = vocab_size, hidden_size
         self.num_hidden_layers, self.num_attention_heads, self.head_dim = num_hidden_layers, num_attention_heads, head_dim
         self.num_key_value_heads = num_attention_heads
-        self.rope_dims, self.rope_theta, self.layer_norm_eps = rope_dims, rope_theta, layer_norm_eps
+        self.rope_dims, self.rope_theta, self.norm, self.layer_norm_eps = rope_dims, rope_theta, norm, layer_norm_eps
         self.moe_every, self.router, self.num_experts = moe_every, router, num_experts
         self.num_experts_per_tok, self.expert_hidden, self.activation = num_experts_per_tok, expert_hidden, activation
         self.num_shared_experts = num_shared_experts
@@ -49,6 +49,12 @@ class CompeteSMoEConfig(PretrainedConfig):
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.router != "dense" and layer % self.moe_every == self.moe_every - 1
+
+
+def make_norm(config):
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.hidden_size, eps=config.layer_norm_eps)
+    return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
 
 def activate(h, activation):
@@ -166,9 +172,9 @@ class Block(nn.Module):
     def __init__(self, config, layer: int):
         super().__init__()
         d = config.hidden_size
-        self.attn_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.attn_norm = make_norm(config)
         self.attn = Attention(config, layer)
-        self.ffn_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.ffn_norm = make_norm(config)
         if config.is_moe_layer(layer):
             self.ffn = MoE(config)
         else:
@@ -205,7 +211,7 @@ class CompeteSMoEForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
-        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.norm = make_norm(config)
         self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
@@ -213,9 +219,10 @@ class CompeteSMoEForCausalLM(PreTrainedModel, GenerationMixin):
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=std)
-        elif isinstance(module, nn.LayerNorm):
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
             nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
         elif isinstance(module, (Experts, LinearRouter, XMoERouter)):
             for p in module.parameters(recurse=False):
                 nn.init.normal_(p, std=std)
