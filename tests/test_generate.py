@@ -11,7 +11,8 @@ from competesmoe.config import load_config
 from competesmoe.eval.generate_cli import main as generate_main
 from competesmoe.model.config import ROUTERS, ModelConfig, MoEConfig
 from competesmoe.model.generate import Sampling, generate, top_p_filter
-from competesmoe.model.transformer import KVCache, Transformer
+from competesmoe.model.kv_cache import KVCache
+from competesmoe.model.transformer import Transformer
 from competesmoe.train.trainer import train
 from runs import overrides
 
@@ -175,3 +176,17 @@ def test_console_script_is_installed(tiny_run):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "--- sample 1\nThe" in result.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_generation_on_gpu_equals_cpu():
+    model = model_of("competesmoe")
+    model.cfg.moe.backend = "torch"  # float64 here; the kernels are tested on their own
+    prompts = [[1, 7, 8], [1, 9, 10, 11, 12, 13, 14]]
+    expected = generate(model, prompts, 12)
+    sampled = generate(model, prompts, 12, sampling=Sampling(1.0, 0.9, seed=1))
+    model.cuda()
+    assert generate(model, prompts, 12) == expected
+    assert generate(model, prompts, 12, use_cache=False) == expected
+    assert len(generate(model, prompts, 12, sampling=Sampling(1.0, 0.9, seed=1))) == len(sampled)

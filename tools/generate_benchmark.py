@@ -22,7 +22,8 @@ import torch
 
 from competesmoe.config import load_config
 from competesmoe.model.generate import generate
-from competesmoe.model.transformer import KVCache, Transformer
+from competesmoe.model.kv_cache import KVCache
+from competesmoe.model.transformer import Transformer
 
 
 def _median_time(fn, repeats: int, device: torch.device) -> float:

@@ -18,7 +18,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from competesmoe.model.transformer import KVCache, Transformer
+from competesmoe.model.kv_cache import KVCache
+from competesmoe.model.transformer import Transformer
 
 
 @dataclass(frozen=True)
