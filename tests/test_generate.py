@@ -83,6 +83,20 @@ def test_greedy_equals_a_hand_loop_with_and_without_cache(router):
     assert generate(model, prompts, 12, eos_id=eos, use_cache=False) == expected
 
 
+def test_with_the_cache_each_step_reads_one_token_per_prompt(monkeypatch):
+    """The cost of a new token does not depend on the prompt: after the prompt's one forward,
+    every step runs the model on one position per row (and the attention over the cache)."""
+    model = model_of("competesmoe")
+    widths = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda tokens, **kw: widths.append(tokens.shape) or forward(tokens, **kw))
+    generate(model, [[1] * 30, [1] * 9], 6)
+    assert widths == [(2, 30)] + [(2, 1)] * 5  # the 6th token needs no forward after it
+    widths.clear()
+    generate(model, [[1] * 30, [1] * 9], 6, use_cache=False)
+    assert widths == [(2, 30 + i) for i in range(6)]
+
+
 def test_generation_stops_at_eos_per_row_and_can_ignore_it():
     model = model_of("smoe")
     prompts = [[1, 7, 8], [1, 9]]
