@@ -1,6 +1,6 @@
 # The two commands of the README:
 #   make run    install, then the main job: prepare the embedded corpus, pre-train configs/smoke.yaml
-#               on one device (GPU if present, else CPU), evaluate it
+#               on one device (GPU if present, else CPU), evaluate it, print a few generated samples
 #   make test   install, then the whole test suite
 # Everything installs into a virtual environment in .venv (override with VENV=...).
 PYTHON ?= python3
@@ -23,6 +23,9 @@ install: $(VENV)/.installed
 run: install
 	$(VENV)/bin/competesmoe-train configs/smoke.yaml run.dir=$(RUN_DIR)
 	$(VENV)/bin/competesmoe-eval $(RUN_DIR) --limit 500 --out $(RUN_DIR)/eval.json
+	$(VENV)/bin/competesmoe-generate $(RUN_DIR) --max-new-tokens 40 --temperature 0.8 --top-p 0.95 --seed 0 \
+		--prompt "Fellow-Citizens of the Senate and House of Representatives:" \
+		--prompt "The state of the Union is" --prompt "hey, how was your weekend?"
 
 test: install
 	$(PY) -m pytest

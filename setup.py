@@ -24,7 +24,12 @@ setup(
         "wandb>=0.17",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+        # transformers and lm-eval (with accelerate, which its `hf` model needs) test the Hugging
+        # Face export: loading it, generate(), and an lm-eval round trip. The exported modeling
+        # code follows transformers 5's generation API (tested with 5.24).
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=5.24,<6", "lm-eval>=0.4.13,<0.5",
+                "accelerate>=1.0"],
+        "hf": ["transformers>=5.24,<6"],
         "lmeval": ["lm-eval>=0.4"],
     },
     entry_points={
@@ -36,6 +41,7 @@ setup(
             "competesmoe-profile=competesmoe.profiling.kernels:main",
             "competesmoe-eval=competesmoe.eval.cli:main",
             "competesmoe-plot=competesmoe.eval.plots:main",
+            "competesmoe-generate=competesmoe.eval.generate_cli:main",
         ],
     },
 )

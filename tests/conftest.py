@@ -8,6 +8,18 @@ import pytest
 # tests import the plain reference implementations as `import reference`
 sys.path.insert(0, os.path.dirname(__file__))
 
+# No test reaches a hub: transformers, datasets and lm-eval read local files only, and keep their
+# caches (remote-code modules, prepared datasets) in a temporary directory of this session.
+for _flag in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ[_flag] = "1"
+if "HF_HOME" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="competesmoe-tests-hf-")
+    atexit.register(shutil.rmtree, os.environ["HF_HOME"], True)
+
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:

@@ -40,6 +40,7 @@ def test_reference_config_has_the_papers_size():
     ("model.moe.competition.omega=-0.1", "model.moe.competition.omega"),
     ("model.d_model=30", "model.d_model"),
     ("model.moe.activation=tanh", "model.moe.activation"),
+    ("model.norm=batchnorm", "model.norm"),
     ("model.moe.no_such_key=1", "model.moe.no_such_key"),
     ("train.steps=many", "train.steps"),
     ("parallel.zero_stage=3", "parallel.zero_stage"),
@@ -108,9 +109,30 @@ def test_rope_rotates_only_the_configured_fraction():
     assert ModelConfig(d_model=512, n_heads=4, head_dim=82, rope_fraction=0.5).rope_dims == 40
 
 
-def test_loss_decreases_when_fitting_a_batch():
+def test_rmsnorm_option():
+    """model.norm=rmsnorm: weight-only RMS normalisation x / sqrt(mean(x^2) + eps) * w everywhere
+    (checked by hand here; tests/test_export.py checks it against transformers' Mixtral and Llama)."""
+    cfg = tiny()
+    cfg.norm = "rmsnorm"
+    model = Transformer(cfg)
+    layer_norm = Transformer(tiny())
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.RMSNorm)]
+    assert len(norms) == 2 * 3 + 1 and not any(isinstance(m, torch.nn.LayerNorm) for m in model.modules())
+    # no norm biases: 7 norms x d_model fewer parameters than the LayerNorm model
+    assert layer_norm.param_counts()["total"] - model.param_counts()["total"] == 7 * 16
+    x = torch.randn(3, 16, dtype=torch.float64)
+    norm = model.norm.double()
+    torch.nn.init.normal_(norm.weight)
+    expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * norm.weight
+    torch.testing.assert_close(norm(x), expected)
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_loss_decreases_when_fitting_a_batch(norm):
     torch.manual_seed(0)
-    model = Transformer(tiny(router="competesmoe"))
+    cfg = tiny(router="competesmoe")
+    cfg.norm = norm
+    model = Transformer(cfg)
     tokens = torch.randint(0, 50, (4, 12))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []

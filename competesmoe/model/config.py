@@ -14,6 +14,7 @@ from competesmoe.kernels.spec import ACTIVATIONS
 ROUTERS = ("smoe", "competesmoe", "sigmoid", "xmoe", "sharede_v2", "sharede_v3", "dense")
 BALANCE_LOSSES = ("entropy", "switch", "none")
 BACKENDS = ("auto", "torch", "triton")
+NORMS = ("layernorm", "rmsnorm")
 
 
 @dataclass
@@ -129,6 +130,9 @@ class ModelConfig:
     # A MoE FFN in every moe_every-th layer (1 = every layer); the others get a dense FFN with the
     # same active parameters (hidden width top_k * expert_hidden).
     moe_every: int = 1
+    # "layernorm" (weight and bias, the reference) or "rmsnorm" (weight only, as Llama/Mixtral; with
+    # rope_fraction=1, swiglu experts and moe_every=1 the model is exactly transformers' Mixtral).
+    norm: str = "layernorm"
     norm_eps: float = 1e-5
     embed_init_std: float = 0.02
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -144,6 +148,8 @@ class ModelConfig:
                               f"({self.n_heads}); set {path}.head_dim to use another head size")
         if self.head_dim is not None and self.head_dim < 2:
             raise ConfigError(f"{path}.head_dim must be >= 2, got {self.head_dim}")
+        if self.norm not in NORMS:
+            raise ConfigError(f"{path}.norm must be one of {', '.join(NORMS)}, got '{self.norm}'")
         if not 0.0 <= self.rope_fraction <= 1.0:
             raise ConfigError(f"{path}.rope_fraction must be in [0, 1], got {self.rope_fraction}")
         self.moe.validate(f"{path}.moe")

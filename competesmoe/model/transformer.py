@@ -6,6 +6,9 @@ built model by swapping each MoE layer's dispatcher and slicing its experts.
     model = Transformer(cfg)
     out = model(tokens, compete=[False, True, ...])   # one flag per MoE layer, or None
     loss = lm_loss(out.logits, targets) + out.aux_loss
+
+Incremental decoding (generation) passes a KVCache: each forward then reads the new tokens only,
+at positions after those already cached (competesmoe.model.generate has the sampling loop).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from competesmoe.model.config import ModelConfig
+from competesmoe.model.kv_cache import KVCache, LayerCache
 from competesmoe.model.moe.experts import expert_flops_per_token, init_std_out
 from competesmoe.model.moe.layer import FeedForward, MoELayer, MoEStats
 
@@ -41,10 +45,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", base ** (-torch.arange(0, dims, 2, dtype=torch.float32) / max(dims, 1)),
                              persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:  # x: [B, H, N, head_dim]
+    def forward(self, x: Tensor, offset: int = 0) -> Tensor:  # x: [B, H, N, head_dim] at positions offset..
         if self.dims == 0:
             return x
-        pos = torch.arange(x.shape[2], device=x.device, dtype=torch.float32)
+        pos = torch.arange(offset, offset + x.shape[2], device=x.device, dtype=torch.float32)
         angles = torch.outer(pos, self.inv_freq)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         rot, rest = x[..., :self.dims], x[..., self.dims:]
@@ -63,19 +67,34 @@ class Attention(nn.Module):
         nn.init.normal_(self.qkv.weight, std=cfg.d_model ** -0.5)
         nn.init.normal_(self.out.weight, std=init_std_out(inner, cfg.n_layers))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: Optional[LayerCache] = None, mask: Optional[Tensor] = None) -> Tensor:
+        """Without a cache: causal attention over x. With one: x holds the positions after the
+        cached ones, which it attends to as well; `mask` is KVCache.mask's."""
         b, n, _ = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(self.rope(q), self.rope(k), v, is_causal=True)
+        offset = cache.length if cache is not None else 0
+        q, k = self.rope(q, offset), self.rope(k, offset)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        if mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:  # causal, or one query after the cache (it sees every key)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=offset == 0 and n > 1)
         return self.out(y.transpose(1, 2).reshape(b, n, -1))
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.attn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn_norm = make_norm(cfg)
         self.attn = Attention(cfg)
-        self.ffn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.ffn_norm = make_norm(cfg)
         moe = cfg.moe
         if cfg.is_moe_layer(layer) and moe.router != "dense":
             self.ffn = MoELayer(moe, cfg.d_model, cfg.router_init, cfg.n_layers)
@@ -87,8 +106,9 @@ class Block(nn.Module):
     def is_moe(self) -> bool:
         return isinstance(self.ffn, MoELayer)
 
-    def forward(self, x: Tensor, compete: bool) -> tuple[Tensor, Optional[Tensor], Optional[MoEStats]]:
-        x = x + self.attn(self.attn_norm(x))
+    def forward(self, x: Tensor, compete: bool, cache: Optional[LayerCache] = None,
+                mask: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor], Optional[MoEStats]]:
+        x = x + self.attn(self.attn_norm(x), cache, mask)
         y, aux, stats = self.ffn(self.ffn_norm(x), compete)
         return x + y, aux, stats
 
@@ -100,7 +120,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.norm = make_norm(cfg)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         nn.init.normal_(self.embed.weight, std=cfg.embed_init_std)
         if cfg.tie_embeddings:
@@ -112,18 +132,21 @@ class Transformer(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.blocks if b.is_moe]
 
-    def forward(self, tokens: Tensor, compete: Optional[Sequence[bool]] = None) -> ModelOutput:
-        """`compete[i]` asks the i-th MoE layer for a competition step (training mode only)."""
+    def forward(self, tokens: Tensor, compete: Optional[Sequence[bool]] = None,
+                cache: Optional[KVCache] = None) -> ModelOutput:
+        """`compete[i]` asks the i-th MoE layer for a competition step (training mode only).
+        With a `cache`, `tokens` are the positions after the cached ones, and are cached in turn."""
         n_moe = len(self.moe_layers)
         if compete is not None and len(compete) != n_moe:
             raise ValueError(f"compete has {len(compete)} flags for {n_moe} MoE layers")
+        mask = cache.mask(tokens.shape[1], tokens.device) if cache is not None else None
         x = self.embed(tokens)
         aux_total = x.new_zeros((), dtype=torch.float32)
         stats: list[MoEStats] = []
         moe_index = 0
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             flag = bool(compete[moe_index]) if (compete is not None and block.is_moe) else False
-            x, aux, layer_stats = block(x, flag)
+            x, aux, layer_stats = block(x, flag, cache.layers[i] if cache is not None else None, mask)
             if block.is_moe:
                 aux_total = aux_total + aux
                 stats.append(layer_stats)

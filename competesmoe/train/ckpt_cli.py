@@ -6,6 +6,10 @@
                                                           weights finite; exit 1 if any is bad
     competesmoe-ckpt export  RUN_DIR_OR_CHECKPOINT OUT    OUT/model.safetensors + config.yaml +
                                                           tokenizer.model, for evaluation/inference
+    competesmoe-ckpt export  RUN_DIR_OR_CHECKPOINT OUT --format hf
+                             a Hugging Face directory: AutoModelForCausalLM (trust_remote_code=True)
+                             and AutoTokenizer load it (--format hf-native: Mixtral, Llama or
+                             GPT-NeoX without remote code, for the configs they compute exactly)
 """
 from __future__ import annotations
 
@@ -66,8 +70,17 @@ def _run(args: argparse.Namespace) -> int:
     else:
         if args.out.exists() and not args.out.is_dir():
             raise CompeteSMoEError(f"export: {args.out} exists and is not a directory; name a new or existing directory")
-        written = export_consolidated(reader, args.out)
-        print(f"exported step {reader.trainer['step']} to {', '.join(str(p) for p in written)}")
+        if args.format == "consolidated":
+            written = export_consolidated(reader, args.out)
+            print(f"exported step {reader.trainer['step']} to {', '.join(str(p) for p in written)}")
+        else:
+            from competesmoe.export.hf import export_checkpoint
+
+            written = export_checkpoint(reader, args.out, args.format)
+            print(f"exported step {reader.trainer['step']} ({args.format}) to {args.out}: "
+                  f"{', '.join(p.name for p in written)}")
+            print(f"load it with transformers.AutoModelForCausalLM.from_pretrained('{args.out}'"
+                  f"{', trust_remote_code=True' if args.format == 'hf' else ''}) and AutoTokenizer")
     return 0
 
 
@@ -80,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("path", type=Path)
         if name == "export":
             p.add_argument("out", type=Path)
+            p.add_argument("--format", choices=("consolidated", "hf", "hf-native"), default="consolidated",
+                           help="consolidated (default): our own single-file format; hf: Hugging Face "
+                                "transformers with our modeling code (any config); hf-native: Mixtral, Llama "
+                                "or GPT-NeoX, for the configs they compute exactly (see the README)")
     args = parser.parse_args(argv)
     return cli_main(lambda: _run(args))
 

@@ -1,0 +1,1 @@
+"""The modeling code copied into every Hugging Face export (it imports torch and transformers only)."""
