@@ -195,7 +195,7 @@ def _train(cfg: Config, stop: "_StopFlag") -> TrainResult:
     # Every rank builds the full model from the same seed; parallelize then keeps this rank's
     # experts, so the initial weights do not depend on the layout.
     torch.manual_seed(cfg.seed)
-    model = parallelize(Transformer(cfg.model), mesh)
+    model = parallelize(Transformer(cfg.model), mesh, cfg.parallel)
     engine = build_engine(model, cfg, mesh, n_micro)
     val_loss: Optional[float] = None
     counts = model.param_counts()
