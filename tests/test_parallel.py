@@ -9,7 +9,9 @@ import pytest
 from competesmoe.config import load_config
 from competesmoe.errors import ConfigError
 from competesmoe.parallel.config import check_layout
+from competesmoe.parallel.exchange import ExchangePolicy, ExchangeShape
 from competesmoe.parallel.mesh import Mesh
+from competesmoe.train.cli import main as train_main
 from competesmoe.train.trainer import train
 from runs import overrides, train_losses
 
@@ -25,13 +27,16 @@ def torchrun(nproc: int, *args: str, timeout: int = 900) -> subprocess.Completed
 @pytest.mark.multiproc
 @pytest.mark.parametrize("world,ep", [(2, 2), (4, 2), (4, 4)])
 def test_expert_parallel_layer_equals_single_process(world, ep):
-    """Outputs and all gradients of the sharded layer equal the single-process layer's in float64
-    (rtol 1e-9), for every router, normal and competition steps, a rank starved of tokens, and
-    the expert-gradient reduction group (see tests/workers/ep_layer.py)."""
+    """Outputs, every aux loss and all gradients of the sharded layer equal the single-process
+    layer's in float64 (rtol 1e-9), for every router, normal and competition steps, both
+    competition exchanges (tokens, gathered weights) with and without the detached balance term,
+    a rank whose experts receive no token, and the expert-gradient reduction group; `auto`
+    chooses the same exchange on every rank; under bf16 autocast the gathered weights are bf16
+    and their gradients are reduced in fp32 (see tests/workers/ep_layer.py)."""
     result = torchrun(world, "tests/workers/ep_layer.py", str(ep))
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     ok = [line for line in result.stdout.splitlines() if line.startswith("ok ")]
-    assert len(ok) == 9, result.stdout
+    assert len(ok) == 17, result.stdout
 
 
 @pytest.fixture(scope="module")
@@ -47,17 +52,22 @@ E2E = {"train.steps": 24, "train.eval_every": 24, "train.ckpt_every": 24, "model
 
 @pytest.mark.multiproc
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage", [0, 1, 2])
-def test_dp2_ep2_training_matches_single_process(zero_stage, corpus, single_process_losses, tmp_path):
+@pytest.mark.parametrize("zero_stage,exchange", [(0, "tokens"), (1, "tokens"), (2, "tokens"),
+                                                 (1, "weights"), (2, "weights")])
+def test_dp2_ep2_training_matches_single_process(zero_stage, exchange, corpus, single_process_losses, tmp_path):
     """DP=2 x EP=2 on 4 processes follows the single-process loss curve on the same global
     batches. The runs differ only in the order of float32 sums: gradients differ by ~1e-9 at the
     first step (DeepSpeed reduces in buckets that mix expert and dense tensors, a different
     order from ours). Adam turns such differences into different updates for elements whose
     gradient is near its eps, so they grow over the steps: the first 4 losses must agree to
     1e-5, and all 24 to 5e-3 absolute (losses are ~6-8; measured: <= 1e-6 with zero_stage=0
-    and <= 3.4e-3 with ZeRO-1/2)."""
+    and <= 3.4e-3 with ZeRO-1/2). With competition_exchange=weights the competing layers gather
+    the expert weights and reduce-scatter their gradients; under ZeRO the owners' optimizer state
+    must receive them once (measured: <= 1e-6 with ZeRO-1 and <= 3.9e-4 with ZeRO-2; doubling
+    the reduce-scattered gradients moves step 4's loss by 1.6e-4)."""
     reference, cache = single_process_losses
-    args = overrides(corpus, tmp_path / "run", cache, **E2E, **{"parallel.ep": 2, "parallel.zero_stage": zero_stage})
+    args = overrides(corpus, tmp_path / "run", cache, **E2E, **{"parallel.ep": 2, "parallel.zero_stage": zero_stage,
+                                                                "parallel.competition_exchange": exchange})
     result = torchrun(4, "-m", "competesmoe.train", str(ROOT / "configs" / "smoke.yaml"), *args)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     losses = train_losses(tmp_path / "run")
@@ -82,3 +92,62 @@ def test_mesh_layout_matches_deepspeed_ordering():
     mesh = Mesh(world=8, rank=5, ep=4, device=torch.device("cpu"))
     assert (mesh.ep_rank, mesh.expert_dp) == (1, 2)
     assert mesh.local_experts(16) == range(4, 8)
+
+
+def reference_shape(tokens, ep=8, **kw) -> ExchangeShape:
+    """One MoE layer of the reference LM (d=512, 64 relu experts of width 128, top-8), bf16."""
+    base = dict(tokens=tokens, d_model=512, num_experts=64, top_k=8, w1_cols=128, hidden=128, ep=ep,
+                act_itemsize=2, weight_itemsize=2, grad_itemsize=2)
+    return ExchangeShape(**(base | kw))
+
+
+def test_exchange_byte_counts_and_crossover_by_hand():
+    """Reference LM, bf16, ep=8. Expert weights: 64 x (512 x 128 + 128 x 512) = 8,388,608.
+    Weights: 7/8 of them gathered forward and reduce-scattered backward, 2 + 2 bytes each:
+    7/8 x 8,388,608 x 4 = 29,360,128 bytes per rank. Tokens, per token: forward gather
+    7 x 512 values, score return 7 x 8, winners' dispatch and combine 2 x 7/8 x 8 x 512, at
+    2 bytes, the backward the same: 2 x 2 x (3584 + 56 + 7168) = 43,232 bytes. Crossover:
+    29,360,128 / 43,232 = 679.13 tokens per rank."""
+    shape = reference_shape(2048)
+    assert shape.expert_weights == 8_388_608
+    assert shape.gathered_bytes == 16_777_216
+    assert shape.weight_bytes() == 29_360_128
+    assert shape.token_bytes() == pytest.approx(2048 * 43_232, rel=1e-12)
+    assert shape.crossover_tokens() == pytest.approx(29_360_128 / 43_232, rel=1e-12)
+    auto = ExchangePolicy("auto")
+    assert auto.choose(reference_shape(679)) == "tokens"
+    assert auto.choose(reference_shape(680)) == "weights"
+    # fp32 master weights under bf16 autocast: the gradients are reduce-scattered in fp32
+    assert reference_shape(0, grad_itemsize=4).crossover_tokens() == pytest.approx(7 / 8 * 8_388_608 * 6 / 43_232)
+    # at ep=64 the token gather grows with the group: 2 x 2 x 63/64 x (64 x 512 + 64 + 2 x 8 x 512)
+    assert reference_shape(0, ep=64).crossover_tokens() == pytest.approx(8_388_608 * 4 / (4 * 41_024))
+
+
+def test_exchange_memory_cap_and_forced_modes():
+    """A Mixtral-8x7B-like layer (8 swiglu experts, d=4096, h=14336, top-2) gathers
+    8 x (4096 x 28672 + 14336 x 4096) x 2 bytes = 2,818.6 MB: above the default cap `auto` keeps
+    the tokens even where the weights would send fewer bytes (crossover 28,667 tokens at ep=8)."""
+    mixtral = dict(d_model=4096, num_experts=8, top_k=2, w1_cols=2 * 14336, hidden=14336)
+    big = reference_shape(40_000, **mixtral)
+    assert big.gathered_bytes == 2_818_572_288
+    assert big.crossover_tokens() == pytest.approx(1_409_286_144 * 4 / (4 * (8 * 4096 + 8 + 4 * 4096)))
+    assert big.weight_bytes() < big.token_bytes()
+    assert ExchangePolicy("auto").choose(big) == "tokens"
+    assert ExchangePolicy("auto", max_gathered_mb=2819).choose(big) == "weights"
+    assert ExchangePolicy("auto", max_gathered_mb=2819).choose(reference_shape(28_000, **mixtral)) == "tokens"
+    small = reference_shape(2048)
+    assert ExchangePolicy("auto", max_gathered_mb=16).choose(small) == "tokens"  # 16.8 MB gathered
+    assert ExchangePolicy("weights", max_gathered_mb=0).choose(small) == "weights"
+    assert ExchangePolicy("tokens").choose(small) == "tokens"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("parallel.competition_exchange=experts",
+     "parallel.competition_exchange must be one of auto, tokens, weights, got 'experts'"),
+    ("parallel.competition_weights_max_mb=-1", "parallel.competition_weights_max_mb must be >= 0"),
+])
+def test_bad_competition_exchange_is_one_line_naming_the_key(override, message, tmp_path, capsys):
+    code = train_main([str(ROOT / "configs" / "smoke.yaml"), f"run.dir={tmp_path}", override])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error:") and message in err and err.count("\n") == 1, err
+    assert not any(tmp_path.iterdir())  # failed before any work

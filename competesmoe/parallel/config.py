@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from competesmoe.errors import ConfigError
+from competesmoe.parallel.exchange import EXCHANGES, ExchangePolicy
 
 
 @dataclass
@@ -12,6 +13,13 @@ class ParallelConfig:
     ep: int = 1
     # DeepSpeed ZeRO stage for the optimizer state (0 = plain torch optimizer, 1 or 2 = DeepSpeed).
     zero_stage: int = 0
+    # How a competing MoE layer meets all experts under expert parallelism: gather the group's
+    # tokens, gather the layer's expert weights, or `auto`: whichever sends fewer bytes for the
+    # layer's shape and the step's tokens per rank (rule and crossover: parallel/exchange.py).
+    competition_exchange: str = "auto"
+    # `auto` gathers weights only if one layer's gathered experts (all E, in the dtype they
+    # compute in) take at most this many MB on every rank; `weights` always gathers them.
+    competition_weights_max_mb: float = 2048.0
 
     def validate(self, path: str = "parallel") -> None:
         if self.ep < 1:
@@ -23,6 +31,14 @@ class ParallelConfig:
                 "parameters is then partitioned, parameters are replicated)")
         if self.zero_stage not in (0, 1, 2):
             raise ConfigError(f"{path}.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
+        if self.competition_exchange not in EXCHANGES:
+            raise ConfigError(f"{path}.competition_exchange must be one of {', '.join(EXCHANGES)}, "
+                              f"got '{self.competition_exchange}'")
+        if self.competition_weights_max_mb < 0:
+            raise ConfigError(f"{path}.competition_weights_max_mb must be >= 0, got {self.competition_weights_max_mb}")
+
+    def exchange_policy(self) -> ExchangePolicy:
+        return ExchangePolicy(self.competition_exchange, self.competition_weights_max_mb)
 
 
 def check_layout(world: int, ep: int, num_experts: int) -> None:

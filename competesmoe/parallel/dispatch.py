@@ -18,6 +18,15 @@ Communication per competing layer and rank, forward: (ep - 1) * T * d values gat
 (ep - 1) * T * E/ep scores returned, then the winners' usual dispatch and combine; backward
 mirrors it. All collectives are differentiable (autograd Functions below), so the competition
 balance term's gradient reaches every expert on every rank.
+
+A competing layer may instead gather the experts' weights (`for_competition`, chosen by the
+policy of parallel.competition_exchange, see competesmoe/parallel/exchange.py): every rank
+all-gathers the layer's w1 and w2, then runs the whole layer on its own tokens with a local
+dispatcher over all E experts, with no token exchange. The gather's gradient is a
+reduce-scatter: each owner receives its experts' gradients summed over the group's tokens,
+exactly what the token exchange leaves on it, so the expert-data-parallel reduction that
+follows (ours or ZeRO's) is the same for both. torch's all_gather_single and
+reduce_scatter_single run on nccl and, in torch 2.13, on gloo.
 """
 from __future__ import annotations
 
@@ -27,7 +36,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from competesmoe.model.moe.dispatch import Dispatched, sort_by_expert
+from competesmoe.model.moe.dispatch import Dispatched, LocalDispatcher, sort_by_expert
+from competesmoe.parallel.exchange import ExchangePolicy, ExchangeShape
 
 
 class _AllToAll(torch.autograd.Function):
@@ -52,10 +62,47 @@ def all_to_all(x: Tensor, out_splits: Sequence[int], in_splits: Sequence[int], g
     return _AllToAll.apply(x, list(out_splits), list(in_splits), group)
 
 
+class _GatherShards(torch.autograd.Function):
+    """All-gather of a tensor sharded along dim 0 (in group order); its gradient is the
+    reduce-scatter of the gathered tensor's gradient, summed over the group, to each shard's owner.
+    The gather runs in `dtype`, the reduce-scatter in the shard's own dtype: under autocast the
+    weights travel in bf16 (the matmuls would cast them anyway) and fp32 master weights still get
+    their gradients summed in fp32."""
+
+    @staticmethod
+    def forward(ctx, shard: Tensor, dtype: torch.dtype, group) -> Tensor:
+        ctx.dtype, ctx.group = shard.dtype, group
+        shard = shard.to(dtype).contiguous()
+        out = shard.new_empty((dist.get_world_size(group) * shard.shape[0],) + tuple(shard.shape[1:]))
+        dist.all_gather_single(out, shard, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.to(ctx.dtype).contiguous()
+        out = grad.new_empty((grad.shape[0] // dist.get_world_size(ctx.group),) + tuple(grad.shape[1:]))
+        dist.reduce_scatter_single(out, grad, group=ctx.group)
+        return out, None, None
+
+
+def gather_shards(shard: Tensor, dtype: torch.dtype, group) -> Tensor:
+    return _GatherShards.apply(shard, dtype, group)
+
+
+def compute_dtype(x: Tensor, w: Tensor) -> torch.dtype:
+    """The dtype the experts' matmuls run in: autocast's where it is on and narrower, else w's."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        if dtype.itemsize < w.dtype.itemsize:
+            return dtype
+    return w.dtype
+
+
 class AllToAllDispatcher:
-    def __init__(self, num_experts: int, ep: int, ep_rank: int, group):
+    def __init__(self, num_experts: int, ep: int, ep_rank: int, group, policy: ExchangePolicy = ExchangePolicy()):
         self.num_experts, self.ep, self.ep_rank, self.group = num_experts, ep, ep_rank, group
         self.local = num_experts // ep
+        self.policy = policy
 
     def _exchange_counts(self, counts: Tensor) -> Tensor:
         """[E] rows this rank sends per global expert -> [ep, E/ep] rows each source rank sends to
@@ -85,6 +132,30 @@ class AllToAllDispatcher:
         back = all_to_all(by_source, send, recv, self.group)
         out = back.new_empty(back.shape).index_copy(0, dispatched.order, back)
         return out.view(dispatched.num_tokens, dispatched.top_k, -1)
+
+    def for_competition(self, x: Tensor, w1: Tensor, w2: Tensor, top_k: int):
+        """The dispatcher and expert weights a competing forward runs with: this dispatcher and
+        the local experts (token exchange), or a local dispatcher and all E experts' weights
+        gathered from the group (weight exchange)."""
+        if self.exchange(x, w1, w2, top_k) == "tokens":
+            return self, w1, w2
+        dtype = compute_dtype(x, w1)
+        return (LocalDispatcher(self.num_experts), gather_shards(w1, dtype, self.group),
+                gather_shards(w2, dtype, self.group))
+
+    def exchange(self, x: Tensor, w1: Tensor, w2: Tensor, top_k: int) -> str:
+        """`tokens` or `weights` for a competing forward of x through the local experts (w1, w2).
+        Under `auto` every rank of the group decides on the group's total token count, so all
+        choose the same even when their token counts differ."""
+        if self.policy.mode != "auto":
+            return self.policy.mode
+        total = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
+        dist.all_reduce(total, group=self.group)
+        shape = ExchangeShape(tokens=int(total) / self.ep, d_model=w1.shape[1], num_experts=self.num_experts,
+                              top_k=top_k, w1_cols=w1.shape[2], hidden=w2.shape[1], ep=self.ep,
+                              act_itemsize=x.element_size(), weight_itemsize=compute_dtype(x, w1).itemsize,
+                              grad_itemsize=w1.element_size())
+        return self.policy.choose(shape)
 
     def scores(self, x: Tensor, score_fn: Callable[[Tensor], Tensor]) -> Tensor:
         n = x.shape[0]

@@ -1,21 +1,24 @@
 """Apply parallelism to a built model.
 
 The model is built whole and identically on every rank (same seed), then `parallelize` keeps
-this rank's slice of every MoE layer's experts and gives the layer an all-to-all dispatcher.
-Nothing in the model's code knows about ranks.
+this rank's slice of every MoE layer's experts and gives the layer an all-to-all dispatcher
+(with the competition exchange policy of parallel.competition_exchange). Nothing in the model's
+code knows about ranks.
 """
 from __future__ import annotations
 
 from torch import nn
 
+from competesmoe.parallel.config import ParallelConfig
 from competesmoe.parallel.dispatch import AllToAllDispatcher
 from competesmoe.parallel.mesh import Mesh
 
 
-def parallelize(model: nn.Module, mesh: Mesh) -> nn.Module:
+def parallelize(model: nn.Module, mesh: Mesh, parallel: ParallelConfig = ParallelConfig()) -> nn.Module:
     if mesh.ep > 1:
+        policy = parallel.exchange_policy()
         for layer in model.moe_layers:
             ids = mesh.local_experts(layer.num_experts)
             layer.experts.shard(ids.start, ids.stop)
-            layer.dispatcher = AllToAllDispatcher(layer.num_experts, mesh.ep, mesh.ep_rank, mesh.ep_group)
+            layer.dispatcher = AllToAllDispatcher(layer.num_experts, mesh.ep, mesh.ep_rank, mesh.ep_group, policy)
     return model.to(mesh.device)

@@ -108,7 +108,7 @@ def setup(cfg: Config) -> _Run:
     # Every rank builds the full model from the same seed; parallelize then keeps this rank's
     # experts, so the initial weights do not depend on the layout.
     torch.manual_seed(cfg.seed)
-    model = parallelize(Transformer(cfg.model), mesh)
+    model = parallelize(Transformer(cfg.model), mesh, cfg.parallel)
     run = _Run(
         cfg=cfg, mesh=mesh, run_dir=run_dir, data=data, model=model,
         engine=build_engine(model, cfg, mesh, n_micro),

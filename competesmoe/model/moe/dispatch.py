@@ -6,8 +6,11 @@ A dispatcher owns the movement of tokens between the route and the expert phases
   combine(y, dispatched)             -> [T, K, d]: each (token, slot)'s expert output, in place
   scores(x, score_fn)                -> [T, E]: all experts' responses to every token; score_fn
                                         scores rows against this rank's experts
-The expert-parallel dispatcher (competesmoe.parallel.dispatch) implements the same three calls
-with all-to-all and all-gather.
+  for_competition(x, w1, w2, top_k)  -> (dispatcher, w1, w2) a competing forward runs with
+                                        instead of this one and the local expert weights
+The expert-parallel dispatcher (competesmoe.parallel.dispatch) implements the same calls with
+all-to-all and all-gather; its for_competition may answer with a local dispatcher and all
+experts' weights gathered (competesmoe.parallel.exchange says when).
 """
 from __future__ import annotations
 
@@ -49,3 +52,6 @@ class LocalDispatcher:
 
     def scores(self, x: Tensor, score_fn: Callable[[Tensor], Tensor]) -> Tensor:
         return score_fn(x)
+
+    def for_competition(self, x: Tensor, w1: Tensor, w2: Tensor, top_k: int):
+        return self, w1, w2

@@ -10,6 +10,10 @@ adds it to the task loss, so nothing is kept in module state between steps.
 A competition step (router `competesmoe`, `compete=True`, training mode) replaces the route
 phase: all experts score every token, the K with the highest response win, and the router
 only receives the distillation loss (method doc, section 2). Evaluation always uses the router.
+The competition lives in `_compete` (its math in competition.py). Under expert parallelism the
+dispatcher may hand a competing forward a local dispatcher and all experts' gathered weights
+instead of itself and the local shard (`for_competition`, competesmoe/parallel/exchange.py);
+the four phases then run unchanged on those.
 """
 from __future__ import annotations
 
@@ -87,10 +91,12 @@ class MoELayer(nn.Module):
         if compete and self.cfg.router != "competesmoe":
             raise ValueError(f"router '{self.cfg.router}' has no competition step")
         competing = compete and self.training
+        dispatcher, w1, w2 = self.dispatcher, self.experts.w1, self.experts.w2
 
         # 1. route
         if competing:
-            routing, aux, stats = self._compete(tokens, num_seqs, backend)
+            dispatcher, w1, w2 = dispatcher.for_competition(tokens, w1, w2, self.top_k)
+            routing, aux, stats = self._compete(tokens, num_seqs, backend, dispatcher, w1, w2)
         else:
             routing = self.router(tokens)
             if self.training:
@@ -98,12 +104,11 @@ class MoELayer(nn.Module):
             else:  # evaluation and inference need no auxiliary losses
                 aux, stats = routing.logits.new_zeros(()), MoEStats(competed=False)
         # 2. dispatch
-        dispatched = self.dispatcher.dispatch(tokens, routing.indices)
+        dispatched = dispatcher.dispatch(tokens, routing.indices)
         # 3. expert compute
-        expert_out = backend.mlp(dispatched.x, dispatched.offsets, self.experts.w1, self.experts.w2,
-                                 self.cfg.activation)
+        expert_out = backend.mlp(dispatched.x, dispatched.offsets, w1, w2, self.cfg.activation)
         # 4. combine
-        per_slot = self.dispatcher.combine(expert_out, dispatched)
+        per_slot = dispatcher.combine(expert_out, dispatched)
         y = (routing.weights.unsqueeze(-1) * per_slot).sum(1).to(x.dtype)
         if self.shared is not None:
             y = y + self.shared(tokens)[0]
@@ -126,11 +131,10 @@ class MoELayer(nn.Module):
             losses["z"] = z.detach()
         return aux, MoEStats(competed=False, losses=losses)
 
-    def _compete(self, tokens: Tensor, num_seqs: int, backend: ExpertBackend):
-        c = self.cfg.competition
-        w1, w2, act = self.experts.w1, self.experts.w2, self.cfg.activation
+    def _compete(self, tokens: Tensor, num_seqs: int, backend: ExpertBackend, dispatcher, w1: Tensor, w2: Tensor):
+        c, act = self.cfg.competition, self.cfg.activation
         # All experts respond to every token; only the scores [T, E] are kept (see experts.py).
-        s = upcast(self.dispatcher.scores(tokens, lambda rows: backend.scores(rows, w1, w2, act)))
+        s = upcast(dispatcher.scores(tokens, lambda rows: backend.scores(rows, w1, w2, act)))
         winners, weights = comp.select_winners(s, self.top_k, c.weights)
         # The router sees the (not detached) input only through the distillation loss.
         router_logits = self.router.logits(tokens)
