@@ -32,6 +32,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except CompeteSMoEError as err:
         print("error: " + " ".join(str(err).split()), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was added to the cache", file=sys.stderr)
+        return 130
     meta = data.meta
     print(f"prepared data: {data.directory}")
     print(f"tokenizer: {data.directory / meta['tokenizer']['file']} (vocab {meta['vocab_size']}, "
