@@ -24,7 +24,8 @@ setup(
         "wandb>=0.17",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+        # psutil: tools/scale_benchmark.py samples the memory of a process tree
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "psutil>=5.9"],
         "lmeval": ["lm-eval>=0.4"],
         # megablocks pins torch 2.7 and needs CUDA to build: install it only in an environment built for it.
         "megablocks": ["megablocks"],
