@@ -246,6 +246,20 @@ def measure_data(sources: List[str], text_bytes: int, workers: int, args: argpar
     }
 
 
+DATA_MEMORY_MODEL = """\
+Memory model (competesmoe/data/prepare.py): nothing held grows with the corpus. The preparing
+process holds its base (interpreter, numpy, sentencepiece: about 40 MiB, the fingerprint and scan
+phases), one piece of a document (at most 1M characters), and the larger of (a) the tokenizer
+sample and sentencepiece training on it, proportional to data.tokenizer_train_chars (about 6 bytes
+per sample character, calibrated on the smallest run: 20M characters give about 120 MiB) and (b)
+while tokenizing, at most 2 tasks per worker in flight (a task is at most 2M characters: its text,
+its pickled copy and its tokens, about 5 MiB). A worker holds the same base plus one task (the ids
+as Python lists while encoding, about 11 bytes per character, about 22 MiB). Predicted with the
+default config: preparing process 160 MiB, worker 62 MiB, tree 160 + 62 x workers MiB (284 MiB for
+2 workers, 656 MiB for 8). Documents are counted and hashed, never kept: the split needs a few
+counters and the extreme hashes, plus 8 bytes for each document longer than one piece."""
+
+
 def data_markdown(report: dict) -> str:
     m = report["machine"]
     lines = [
@@ -280,6 +294,7 @@ def data_markdown(report: dict) -> str:
     for r in report["runs"]:
         cells = {p["phase"]: f"{p['seconds']} s, {p['tree_rss_peak_mib']}" for p in r["phases"]}
         lines.append(f"| {r['text_mib']} | {r['workers']} | " + " | ".join(cells.get(n, "-") for n, _ in PHASES) + " |")
+    lines += ["", DATA_MEMORY_MODEL]
     if report.get("notes"):
         lines += ["", report["notes"]]
     return "\n".join(lines) + "\n"
@@ -344,6 +359,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                       help="output path without extension (.json and .md are written)")
     _data_options(data)
 
+    report = sections.add_parser("data-report", help="rewrite a data section's .md from its .json")
+    report.add_argument("json", type=Path)
+
     child = sections.add_parser("data-child", help=argparse.SUPPRESS)
     child.add_argument("--sources", nargs="+", required=True)
     child.add_argument("--cache-dir", required=True)
@@ -352,7 +370,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-SECTIONS: Dict[str, callable] = {"data": run_data, "data-child": data_child}
+def data_report(args: argparse.Namespace) -> int:
+    """Rewrite OUT.md from OUT.json (after a change to the tables)."""
+    args.json.with_suffix(".md").write_text(data_markdown(json.loads(args.json.read_text())))
+    return 0
+
+
+SECTIONS: Dict[str, callable] = {"data": run_data, "data-child": data_child, "data-report": data_report}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
