@@ -2,9 +2,15 @@
 from __future__ import annotations
 
 import json
+import operator
+import os
 import random
+import re
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import List
@@ -13,13 +19,17 @@ import numpy as np
 import pytest
 import torch
 
+from competesmoe.data import corpus as corpus_module
+from competesmoe.data import encode as encode_module
 from competesmoe.data.cli import main
 from competesmoe.data.config import DataConfig
 from competesmoe.data.corpus import Corpus
 from competesmoe.data.loader import TrainLoader, val_batches
 from competesmoe.data.prepare import load_prepared, prepare_data
 from competesmoe.data.shards import ShardWriter
+from competesmoe.data.split import SplitRule, SplitStats, document_score
 from competesmoe.data.tokenizer import EOS_ID, Tokenizer, sample_training_lines, train_tokenizer
+from competesmoe.data.workers import ordered_map
 from competesmoe.errors import CompeteSMoEError, DataError
 
 SYLLABLES = "ka lo mi ne ru sa te vo li an or es un qu ba".split()
@@ -451,6 +461,8 @@ def test_cli_prepares_and_prints_token_counts(prepared, capsys):
     (["data.no_such_key=1"], "no_such_key"),
     (["data.sources=[/definitely/not/here]"], "/definitely/not/here"),
     (["/no/such/config.yaml"], "config file not found"),
+    (["data.workers=0"], "data.workers must be 'auto' or a number >= 1"),
+    (["data.workers=many"], "data.workers must be 'auto' or a number >= 1"),
 ])
 def test_cli_reports_errors_in_one_line(args, message, capsys, tmp_path):
     rc = main(args + [f"data.cache_dir={tmp_path}"])
@@ -472,3 +484,382 @@ def test_embedded_corpus_prepares(tmp_path):
     assert 0.005 < data.meta["splits"]["val"]["documents"] / documents < 0.02  # val_fraction is 0.01
     first = data.train_tokens()[0][:40]
     assert data.tokenizer.decode(first).startswith("Fellow-Citizens of the Senate")
+
+
+# ---- streaming: documents in pieces -------------------------------------------------------------
+
+def pieces_of(text: str, monkeypatch, limit: int, chunks: List[int] = ()) -> List[str]:
+    """The pieces the corpus gives for one document fed in parts of the given sizes."""
+    monkeypatch.setattr(corpus_module, "PIECE_CHARS", limit)
+    parts, start = [], 0
+    for size in list(chunks) + [len(text)]:
+        parts.append(text[start:start + size])
+        start += size
+    pieces = list(corpus_module._document_pieces([p for p in parts if p]))
+    assert [last for _, last in pieces] == [False] * (len(pieces) - 1) + [True]
+    return [p for p, _ in pieces]
+
+
+def test_pieces_are_cut_after_the_last_newline_within_the_limit(monkeypatch):
+    rng = random.Random(1)
+    limit = 64
+    for _ in range(200):
+        text = "".join(rng.choice(["a", "b ", "\n", "é", "x" * rng.randint(1, 150)]) for _ in range(rng.randint(1, 60)))
+        if text.isspace():
+            continue
+        pieces = pieces_of(text, monkeypatch, limit)
+        assert "".join(pieces) == text
+        for piece, following in zip(pieces, pieces[1:]):
+            assert len(piece) <= limit
+            if piece.endswith("\n"):  # the last newline the window held
+                assert "\n" not in (piece + following)[len(piece):limit]
+            else:  # no newline in the whole window: a long line cut at the limit
+                assert len(piece) == limit and "\n" not in piece
+        # The cut depends on the text only, not on how it arrives.
+        cuts = [rng.randint(1, 40) for _ in range(rng.randint(0, 8))]
+        assert pieces_of(text, monkeypatch, limit, cuts) == pieces
+
+
+def test_long_lines_are_cut_every_limit_characters_from_their_start(monkeypatch):
+    text = "short\n" + "y" * 150 + "\nend"
+    assert pieces_of(text, monkeypatch, 64) == ["short\n", "y" * 64, "y" * 64, "y" * 22 + "\nend"]
+
+
+def test_blank_documents_of_many_pieces_are_skipped_and_leading_blanks_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus_module, "PIECE_CHARS", 8)
+    (tmp_path / "a.txt").write_text("   \n  \t  \n    \n   ")
+    (tmp_path / "b.txt").write_text("      \n       \n  text\n")
+    assert list(Corpus([str(tmp_path)])) == ["      \n       \n  text\n"]
+    assert len(list(Corpus([str(tmp_path)]).pieces())) > 1
+
+
+def test_text_files_stream_with_universal_newlines_across_reads(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus_module, "_READ_CHUNK", 5)
+    path = tmp_path / "doc.txt"
+    path.write_bytes("ab\r\ncd\rxyz\r\n\r\n日本語 🙂 end\r".encode("utf-8"))  # "\r\n" and characters straddle reads
+    assert list(Corpus([str(path)])) == [path.read_text(encoding="utf-8")]
+    assert "\r" not in list(Corpus([str(path)]))[0]
+
+
+def test_bad_utf8_deep_in_a_streamed_file_names_its_offset(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus_module, "_READ_CHUNK", 5)
+    path = tmp_path / "bad.txt"
+    path.write_bytes("héllo wörld ".encode("utf-8") + b"\xff tail")
+    with pytest.raises(DataError, match=r"bad\.txt is not UTF-8 text \(bad byte at offset 14\)"):
+        list(Corpus([str(path)]))
+
+
+def test_tokenizer_sample_from_pieces_equals_the_sample_from_documents(monkeypatch):
+    rng = random.Random(2)
+    docs = ["\n".join(_sentence(rng) * rng.choice([1, 1, 1, 300]) for _ in range(rng.randint(1, 40))) for _ in range(60)]
+    monkeypatch.setattr(corpus_module, "PIECE_CHARS", 2 * 4096)
+    pieces = [p for doc in docs for p, _ in corpus_module._document_pieces([doc])]
+    assert len(pieces) > len(docs) and any(len(p) == 2 * 4096 and "\n" not in p for p in pieces)
+    total = sum(map(len, docs))
+    for cap in (5_000, 50_000, 10 * total):
+        assert sample_training_lines(pieces, total, cap) == sample_training_lines(docs, total, cap)
+
+
+def test_bpe_line_by_line_encoding_equals_encoding_the_whole_text(tokenizer_model):
+    tok = Tokenizer(tokenizer_model)
+    assert not [i for i in range(tok.vocab_size) if "\n" in tok._sp.id_to_piece(i)]
+    rng = random.Random(3)
+    alphabet = ["ka", "lo", " ", "  ", "\n", "\n\n", " \n", "\t", ".", "7", "é", "🙂", "日本"]
+    texts = [ODD_TEXT, "\n", "\nlead", "trail\n", "a \n b"] + [
+        "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 80))) for _ in range(300)]
+    assert tok.encode_texts(texts, by_line=True) == [tok.encode(t) for t in texts]
+    assert tok.encode_texts(texts) == [tok.encode(t) for t in texts]
+
+
+# ---- the split rule -----------------------------------------------------------------------------
+
+def reference_is_val(scores: List[int], val_fraction: float) -> np.ndarray:
+    """The split as it was decided with every document's score in memory."""
+    scores = np.array(scores, dtype=np.uint64)
+    is_val = scores < np.uint64(val_fraction * 2**64)
+    if not is_val.any():
+        is_val = scores == scores.min()
+    if is_val.all():
+        is_val = scores != scores.max()
+    return is_val
+
+
+@pytest.mark.parametrize("case", ["random", "none below", "all below", "two values"])
+def test_streamed_split_rule_equals_the_in_memory_split(case):
+    rng = random.Random(4)
+    fraction = 0.05
+    cut = int(fraction * 2**64)
+    scores = {"random": [rng.getrandbits(64) for _ in range(500)],
+              "none below": [rng.randrange(cut, 2**64) for _ in range(50)] * 2,  # duplicates, min twice
+              "all below": [rng.randrange(0, cut) for _ in range(50)] * 2,  # max twice
+              "two values": [5, 9, 5, 9, 9]}[case]
+    lengths = [rng.randint(1, 1000) for _ in scores]
+    stats = SplitStats.for_fraction(fraction)
+    for score, length in zip(scores, lengths):
+        stats.add(score, length)
+    rule = SplitRule(stats)
+    expected = reference_is_val(scores, fraction)
+    assert [rule.is_val(s) for s in scores] == expected.tolist()
+    assert rule.val_documents == int(expected.sum()) and rule.train_documents == int((~expected).sum())
+    assert rule.train_chars == sum(n for n, val in zip(lengths, expected) if not val)
+
+
+def test_identical_documents_cannot_be_split():
+    stats = SplitStats.for_fraction(0.1)
+    for _ in range(3):
+        stats.add(document_score("same"), 4)
+    with pytest.raises(DataError, match="3 document.* 1 distinct"):
+        SplitRule(stats)
+
+
+# ---- worker processes ---------------------------------------------------------------------------
+
+@pytest.mark.timeout(120)
+def test_ordered_map_keeps_the_order_and_bounds_the_work_in_flight():
+    pulled: List[int] = []
+
+    def items():
+        for i in range(40):
+            pulled.append(i)
+            yield i
+
+    results = []
+    for result in ordered_map(operator.neg, items(), processes=2):
+        assert len(pulled) - len(results) <= 2 * 2 + 1  # 2 per worker handed out, 1 being read
+        results.append(result)
+    assert results == [-i for i in range(40)]
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_that_dies_is_one_clear_error_not_a_hang():
+    with pytest.raises(DataError, match="worker processes exited unexpectedly"):
+        list(ordered_map(os._exit, [3, 3, 3, 3], processes=2))
+
+
+@pytest.mark.timeout(120)
+def test_an_exception_in_a_worker_reaches_the_caller():
+    with pytest.raises(ValueError, match="invalid literal"):
+        list(ordered_map(int, ["1", "2", "x", "4"], processes=2))
+
+
+@pytest.fixture(scope="module")
+def long_corpus(tmp_path_factory) -> Path:
+    """write_corpus plus a document of many lines and one with a single long line."""
+    root = tmp_path_factory.mktemp("long") / "corpus"
+    write_corpus(root, seed=5)
+    rng = random.Random(6)
+    (root / "long_lines.txt").write_text("\n".join(_sentence(rng) for _ in range(900)) + "\n")
+    (root / "one_line.txt").write_text(" ".join(_sentence(rng) for _ in range(400)))
+    return root
+
+
+def read_tree(directory: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+@pytest.mark.timeout(300)
+def test_output_is_byte_identical_whatever_the_number_of_workers(long_corpus, tmp_path, monkeypatch):
+    # Small pieces and tasks: documents span several pieces and tasks, a line is cut, every
+    # worker gets work.
+    monkeypatch.setattr(corpus_module, "PIECE_CHARS", 2 * 4096)
+    monkeypatch.setattr(encode_module, "TASK_CHARS", 3000)
+    trees, names = [], set()
+    for workers in (1, 2, 3):
+        cfg = small_config(long_corpus, tmp_path / f"cache{workers}")
+        cfg.workers = workers
+        logs: List[str] = []
+        data = prepare_data(cfg, log=logs.append)
+        where = f"in {workers} worker processes" if workers > 1 else "in this process"
+        assert any(line.startswith("data: tokenizing") and line.endswith(where) for line in logs)
+        trees.append(read_tree(data.directory))
+        names.add(data.directory.name)
+    assert len(names) == 1  # the cache key does not depend on data.workers
+    assert trees[0] == trees[1] == trees[2]
+
+
+def expected_streams(data, docs: List[str], val_fraction: float, encode) -> dict:
+    is_val = reference_is_val([document_score(d) for d in docs], val_fraction)
+    streams = {"train": [], "val": []}
+    for doc, val in zip(docs, is_val):
+        streams["val" if val else "train"] += encode(doc) + [EOS_ID]
+    return streams
+
+
+@pytest.mark.timeout(300)
+def test_shards_hold_every_document_encoded_whole_in_its_split(long_corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus_module, "PIECE_CHARS", 2 * 4096)
+    monkeypatch.setattr(encode_module, "TASK_CHARS", 3000)
+    cfg = small_config(long_corpus, tmp_path)
+    cfg.workers = 2
+    data = prepare_data(cfg, log=lambda line: None)
+    docs = list(Corpus([str(long_corpus)]))
+    long_line = next(d for d in docs if "\n" not in d and len(d) > 2 * 4096)
+    sp = data.tokenizer
+
+    def encode(doc: str) -> List[int]:
+        if doc is not long_line:  # every line fits in a piece: the ids are those of the whole text
+            return sp.encode(doc)
+        return [i for start in range(0, len(doc), 2 * 4096) for i in sp.encode(doc[start:start + 2 * 4096])]
+
+    expected = expected_streams(data, docs, cfg.val_fraction, encode)
+    assert expected["val"] and len(docs) == 43
+    for split, tokens in (("train", data.train_tokens()), ("val", data.val_tokens())):
+        assert np.concatenate(tokens).tolist() == expected[split]
+
+
+@pytest.mark.timeout(300)
+def test_unigram_shards_hold_every_document_encoded_whole(long_corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(encode_module, "TASK_CHARS", 3000)
+    cfg = small_config(long_corpus, tmp_path)
+    cfg.tokenizer, cfg.vocab_size, cfg.workers = "unigram", 350, 2
+    data = prepare_data(cfg, log=lambda line: None)
+    expected = expected_streams(data, list(Corpus([str(long_corpus)])), cfg.val_fraction, data.tokenizer.encode)
+    for split, tokens in (("train", data.train_tokens()), ("val", data.val_tokens())):
+        assert np.concatenate(tokens).tolist() == expected[split]
+
+
+def test_preparing_reports_progress(long_corpus, tmp_path):
+    logs: List[str] = []
+    prepare_data(small_config(long_corpus, tmp_path), log=logs.append)
+    progress = [line for line in logs if line.startswith("data: tokenizing ") and "%" in line]
+    assert progress and progress[-1].startswith("data: tokenizing 100% (")
+    assert any(line.startswith("data: tokenized ") for line in logs)
+
+
+# ---- failures mid-stream ------------------------------------------------------------------------
+
+def cli_args(corpus_dir: Path, cache: Path, *extra: str) -> List[str]:
+    return [f"data.sources=[{corpus_dir}]", f"data.cache_dir={cache}", "data.vocab_size=400",
+            "data.val_fraction=0.2", "data.tokenizer_train_chars=100000", *extra]
+
+
+def one_error_line(err: str) -> str:
+    """The error of a failed command: its last line, the only one that says error (the lines
+    before it are the progress log)."""
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and err.splitlines()[-1] == errors[0], err
+    return errors[0]
+
+
+def test_bad_record_deep_in_a_jsonl_file_is_one_line_and_caches_nothing(tmp_path, capsys):
+    corpus_dir = tmp_path / "corpus"
+    write_corpus(corpus_dir)
+    with (corpus_dir / "records.jsonl").open("a") as f:
+        for i in range(2000):
+            f.write(json.dumps({"text": f"record {i}"}) + "\n")
+        f.write('{"text": "cut off\n')
+    assert main(cli_args(corpus_dir, tmp_path / "cache")) == 2
+    assert "records.jsonl:2011: not valid JSON" in one_error_line(capsys.readouterr().err)
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("change, message", [
+    (lambda path: path.write_bytes(path.read_bytes() + b"\xff"), r"long_lines\.txt is not UTF-8 text"),
+    (lambda path: path.write_text(path.read_text() + "more\n"), "the sources changed while being prepared"),
+])
+def test_a_source_that_changes_while_tokenizing_is_one_line_and_caches_nothing(
+        long_corpus, tmp_path, monkeypatch, capsys, change, message):
+    corpus_dir = tmp_path / "corpus"
+    shutil.copytree(long_corpus, corpus_dir)
+    monkeypatch.setattr(encode_module, "TASK_CHARS", 3000)
+    import competesmoe.data.prepare as prepare_module
+    real_train = prepare_module.train_tokenizer
+
+    def train_then_change(*args):  # between the sampling pass and the tokenizing pass
+        model = real_train(*args)
+        change(corpus_dir / "long_lines.txt")
+        return model
+
+    monkeypatch.setattr(prepare_module, "train_tokenizer", train_then_change)
+    assert main(cli_args(corpus_dir, tmp_path / "cache", "data.workers=2")) == 2
+    assert re.search(message, one_error_line(capsys.readouterr().err))
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+# ---- scale --------------------------------------------------------------------------------------
+
+def write_scaled_corpus(root: Path, small_docs: int, big_doc_lines: int, seed: int = 0) -> None:
+    """Small JSONL documents plus one big text file (one document), from a pool of random lines."""
+    rng = random.Random(seed)
+    pool = [" ".join(_sentence(rng) for _ in range(3)) for _ in range(3000)]
+    root.mkdir(parents=True)
+    with (root / "docs.jsonl").open("w") as f:
+        for i in range(small_docs):
+            f.write(json.dumps({"text": f"Document {i}.\n" + "\n".join(rng.choices(pool, k=8))}) + "\n")
+    (root / "big.txt").write_text("\n".join(rng.choices(pool, k=big_doc_lines)) + "\n")
+
+
+PEAK_SCRIPT = """
+import sys
+from pathlib import Path
+from competesmoe.data import corpus, encode
+from competesmoe.data.config import DataConfig
+from competesmoe.data.prepare import prepare_data
+# Pieces and tasks of 64K characters: the fixed part of the peak is reached by small corpora.
+corpus.PIECE_CHARS = encode.TASK_CHARS = 1 << 16
+cfg = DataConfig(sources=[sys.argv[1]], cache_dir=sys.argv[2], workers=int(sys.argv[3]), vocab_size=400,
+                 tokenizer_train_chars=100_000)
+data = prepare_data(cfg, log=lambda line: None)
+hwm = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
+print(int(hwm.split()[1]) // 1024, sum(data.meta["splits"][split]["tokens"] for split in ("train", "val")))
+"""
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the peak RSS (VmHWM) from /proc")
+@pytest.mark.parametrize("workers", [1, 2])
+def test_peak_memory_does_not_grow_with_the_corpus(tmp_path, workers):
+    """Peak RSS of the preparing process (with workers=2: the process that reads, hands out the
+    tasks and writes the shards) for a corpus and one 4x larger, each in a fresh interpreter."""
+    peaks = {}
+    for scale in (1, 4):
+        corpus_dir = tmp_path / f"corpus{scale}"
+        # per unit of scale: 1.2 MB of small documents and a 1.2 MB document
+        write_scaled_corpus(corpus_dir, small_docs=1000 * scale, big_doc_lines=8000 * scale)
+        out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(corpus_dir), str(tmp_path / f"cache{scale}"),
+                              str(workers)], capture_output=True, text=True, check=True).stdout.split()
+        peaks[scale] = int(out[0])
+        assert int(out[1]) > 900_000 * scale  # the corpus really grew
+    # Holding a whole document, the tokens, or the tasks not yet handed out would add from 10 MiB
+    # (the text of the big document grows by 3.6 MB, its tokens by 1.2M) to 150 MiB (sentencepiece
+    # encoding the big document at once); what is bounded by the piece and task sizes adds nothing.
+    assert peaks[4] <= peaks[1] + 8, peaks
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="lists the process group's members in /proc")
+def test_ctrl_c_while_tokenizing_stops_every_process_and_caches_nothing(tmp_path):
+    corpus_dir = tmp_path / "corpus"
+    write_scaled_corpus(corpus_dir, small_docs=2000, big_doc_lines=8000)
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen([sys.executable, "-m", "competesmoe.data", *cli_args(corpus_dir, cache, "data.workers=2")],
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if line.startswith("data: tokenizing ") and line.rstrip().endswith("worker processes"):
+            os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground group
+            break
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 130, "".join(lines) + rest
+    assert rest.splitlines()[-1] == "error: interrupted; nothing was added to the cache"
+    assert "Traceback" not in rest
+    assert list(cache.iterdir()) == []
+
+    def group_alive() -> List[str]:
+        alive = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                fields = (Path("/proc") / pid / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == proc.pid and fields[0] != "Z":  # same process group, not a zombie
+                alive.append(pid)
+        return alive
+
+    deadline = time.monotonic() + 10
+    while group_alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert group_alive() == []

@@ -31,7 +31,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _prepare(config: Optional[str], overrides: list[str]) -> int:
     cfg = load_config(config, overrides)
-    data = prepare_data(cfg.data, log=lambda line: print(line, file=sys.stderr))
+    try:
+        data = prepare_data(cfg.data, log=lambda line: print(line, file=sys.stderr))
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was added to the cache", file=sys.stderr)
+        return 130
     meta = data.meta
     print(f"prepared data: {data.directory}")
     print(f"tokenizer: {data.directory / meta['tokenizer']['file']} (vocab {meta['vocab_size']}, "

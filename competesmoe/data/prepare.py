@@ -4,6 +4,15 @@ The output directory is `<cache_dir>/<key>`, where the key hashes the content of
 tokenizer settings, val_fraction and the shard format version: the same inputs reuse the directory,
 any change builds a new one. A directory is built under a temporary name and renamed into place
 once meta.json is written, so an interrupted run never leaves a directory that looks complete.
+
+The build streams the corpus three times, a piece at a time (corpus.Corpus.pieces):
+  1. scan      hash every document; keep only the counts that fix the split rule (split.py), and
+               the hash of each document longer than one piece (8 bytes per million characters
+               or more), so that later passes know its split at its first piece;
+  2. sample    draw the tokenizer's training lines from the train documents, then train it;
+  3. tokenize  in `data.workers` processes, tasks in order (encode.py); write the shards.
+Peak memory is therefore bounded by the piece and task sizes, the number of workers and the
+tokenizer sample (data.tokenizer_train_chars), not by the size of the corpus.
 """
 from __future__ import annotations
 
@@ -12,136 +21,132 @@ import json
 import os
 import secrets
 import shutil
-import sys
 import time
+from array import array
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Tuple
-
-import numpy as np
+from typing import Callable, Iterator, List, Tuple
 
 from competesmoe.data.config import DataConfig
 from competesmoe.data.corpus import Corpus
+from competesmoe.data.encode import LabelledPiece, encode_pieces, processes_for
 from competesmoe.data.shards import (FORMAT_VERSION, SPLITS, TOKENIZER_FILE, PreparedData, ShardWriter,
                                      load_prepared, read_meta, token_dtype, write_meta)
+from competesmoe.data.split import SplitRule, SplitStats, new_document_hash, score
 from competesmoe.data.tokenizer import Tokenizer, sample_training_lines, tokenizer_settings, train_tokenizer
+from competesmoe.data.workers import resolve_workers
 from competesmoe.errors import DataError
+from competesmoe.progress import Progress
 
-__all__ = ["PreparedData", "prepare_data", "load_prepared", "assign_splits", "document_score", "cache_key"]
+__all__ = ["PreparedData", "prepare_data", "load_prepared", "cache_key"]
 
 Log = Callable[[str], None]
 
-# Documents are tokenized in batches of about this many characters, on all cores.
-_ENCODE_BATCH_CHARS = 4_000_000
-
-
-def document_score(doc: str) -> int:
-    """A stable 64-bit hash of a document's text: identical documents always land in the same split."""
-    return int.from_bytes(hashlib.blake2b(doc.encode("utf-8"), digest_size=8).digest(), "little")
-
-
-def assign_splits(scores: np.ndarray, val_fraction: float) -> np.ndarray:
-    """Which documents (by score) are validation: those scoring below val_fraction of the hash range,
-    adjusted so that each split gets at least one document."""
-    if len(np.unique(scores)) < 2:
-        raise DataError(f"the sources hold {len(scores)} document(s) with {len(np.unique(scores))} distinct "
-                        "text(s); a train/validation split needs at least 2 different documents "
-                        "(a text file is one document: use a directory of files or a .jsonl file)")
-    is_val = scores < np.uint64(val_fraction * 2**64)
-    if not is_val.any():
-        is_val = scores == scores.min()
-    if is_val.all():
-        is_val = scores != scores.max()
-    return is_val
-
 
 def cache_key(fingerprint: str, cfg: DataConfig) -> str:
+    # data.workers is left out on purpose: the output does not depend on it.
     settings = {"format_version": FORMAT_VERSION, "input": fingerprint, "val_fraction": cfg.val_fraction,
                 "tokenizer": tokenizer_settings(cfg.tokenizer, cfg.vocab_size, cfg.tokenizer_train_chars)}
     return hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=8).hexdigest()
 
 
-class _Progress:
-    """A tqdm bar when stderr is a terminal, otherwise a log line at every 10%."""
+@dataclass
+class _Scan:
+    """What the first pass keeps: the split statistics, the scores of the documents of more than
+    one piece (in order) and a digest of every document's score, to check that later passes read
+    the same documents."""
 
-    def __init__(self, total: int, what: str, log: Log):
-        self.total, self.what, self.log = max(total, 1), what, log
-        self.done, self.next_percent = 0, 10
-        self.bar = None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, desc=what, unit="char", unit_scale=True, leave=False)
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif 100 * self.done // self.total >= self.next_percent:
-            percent = 100 * self.done // self.total
-            self.log(f"data: {self.what} {percent}%")
-            self.next_percent = percent // 10 * 10 + 10
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    stats: SplitStats
+    long_scores: array = field(default_factory=lambda: array("Q"))
+    digest: str = ""
 
 
-def _tokenize(corpus: Corpus, is_val: np.ndarray, tokenizer: Tokenizer, writers: dict, log: Log,
-              total_chars: int) -> None:
-    """Encode every document and append it, followed by EOS, to its split's shards."""
-    progress = _Progress(total_chars, "tokenizing", log)
-    batch: List[str] = []
-    flags: List[bool] = []
+def _documents(corpus: Corpus) -> Iterator[Tuple[str, bool, int, "hashlib._Hash"]]:
+    """Every piece with: whether it ends its document, its index within the document, and the
+    running hash of the document up to and including it."""
+    h, index = new_document_hash(), 0
+    for piece, last in corpus.pieces():
+        h.update(piece.encode("utf-8"))
+        yield piece, last, index, h
+        h, index = (new_document_hash(), 0) if last else (h, index + 1)
 
-    def flush() -> None:
-        ids = tokenizer.encode_batch(batch)
-        for split, want_val in (("train", False), ("val", True)):
-            stream: List[int] = []
-            for doc_ids, flag in zip(ids, flags):
-                if flag == want_val:
-                    stream.extend(doc_ids)
-                    stream.append(tokenizer.eos_id)
-            writers[split].write(np.array(stream, dtype=np.int64))
-        progress.update(sum(map(len, batch)))
-        batch.clear()
-        flags.clear()
 
-    changed = DataError("the sources changed while being prepared (a different number of documents "
-                        "on the second reading); run again once they are stable")
-    n_docs, batch_chars = 0, 0
-    for doc in corpus:
-        if n_docs == len(is_val):
-            raise changed
-        batch.append(doc)
-        flags.append(bool(is_val[n_docs]))
-        n_docs += 1
-        batch_chars += len(doc)
-        if batch_chars >= _ENCODE_BATCH_CHARS:
-            flush()
-            batch_chars = 0
-    if n_docs != len(is_val):
+def _scan(corpus: Corpus, val_fraction: float) -> _Scan:
+    scan = _Scan(SplitStats.for_fraction(val_fraction))
+    digest = hashlib.blake2b(digest_size=16)
+    chars = 0
+    for piece, last, index, h in _documents(corpus):
+        chars += len(piece)
+        if last:
+            doc_score = score(h)
+            scan.stats.add(doc_score, chars)
+            digest.update(doc_score.to_bytes(8, "little"))
+            if index > 0:
+                scan.long_scores.append(doc_score)
+            chars = 0
+    scan.digest = digest.hexdigest()
+    return scan
+
+
+def _labelled(corpus: Corpus, rule: SplitRule, scan: _Scan) -> Iterator[LabelledPiece]:
+    """Every piece with whether it ends its document and whether that document is validation.
+    Read to the end, it checks that the documents are the ones the scan saw."""
+    changed = DataError("the sources changed while being prepared (different documents than on the "
+                        "first reading); run again once they are stable")
+    long_scores = iter(scan.long_scores)
+    digest = hashlib.blake2b(digest_size=16)
+    is_val, expected = False, None
+    for piece, last, index, h in _documents(corpus):
+        if index == 0 and not last:  # the first piece of a long document: the scan knows its score
+            expected = next(long_scores, None)
+            if expected is None:
+                raise changed
+            is_val = rule.is_val(expected)
+        if last:
+            doc_score = score(h)
+            if index == 0:
+                is_val = rule.is_val(doc_score)
+            elif doc_score != expected:
+                raise changed
+            digest.update(doc_score.to_bytes(8, "little"))
+        yield piece, last, is_val
+    if digest.hexdigest() != scan.digest or next(long_scores, None) is not None:
         raise changed
-    flush()
-    progress.close()
 
 
-def _score_documents(corpus: Corpus) -> Tuple[np.ndarray, np.ndarray]:
-    """Each document's split score and its length in characters."""
-    scores, lengths = [], []
-    for doc in corpus:
-        scores.append(document_score(doc))
-        lengths.append(len(doc))
-    return np.array(scores, dtype=np.uint64), np.array(lengths, dtype=np.int64)
+def _sample(corpus: Corpus, rule: SplitRule, scan: _Scan, max_chars: int) -> List[str]:
+    """The tokenizer's training lines, drawn from the train documents."""
+    train_pieces = (piece for piece, _, is_val in _labelled(corpus, rule, scan) if not is_val)
+    return sample_training_lines(train_pieces, rule.train_chars, max_chars)
+
+
+def _tokenize(corpus: Corpus, rule: SplitRule, scan: _Scan, tokenizer: Tokenizer, kind: str, writers: dict,
+              workers: int, log: Log) -> None:
+    """Encode every document and append it, followed by EOS, to its split's shards."""
+    total = scan.stats.chars
+    processes = processes_for(total, workers)
+    where = f"{processes} worker processes" if processes > 1 else "this process"
+    log(f"data: tokenizing {total:,} characters in {where}")
+    start = time.monotonic()
+    pieces = _labelled(corpus, rule, scan)
+    with Progress(total, "data: tokenizing", unit="char", log=log) as progress, \
+            encode_pieces(pieces, tokenizer.model, kind == "bpe", writers["train"].dtype, processes) as results:
+        for encoded in results:
+            writers["train"].write(encoded.train)
+            writers["val"].write(encoded.val)
+            progress.update(encoded.chars)
+    seconds = time.monotonic() - start
+    log(f"data: tokenized {total:,} characters in {seconds:.1f}s ({total / max(seconds, 1e-9) / 1e6:.2f}M/s)")
 
 
 def _build(corpus: Corpus, cfg: DataConfig, fingerprint: str, out: Path, log: Log) -> None:
     log(f"data: reading {'; '.join(corpus.describe())}")
-    scores, lengths = _score_documents(corpus)
-    is_val = assign_splits(scores, cfg.val_fraction)
-    log(f"data: {len(scores)} documents, {int(lengths.sum()):,} characters; "
-        f"{int((~is_val).sum())} train / {int(is_val.sum())} validation documents")
+    scan = _scan(corpus, cfg.val_fraction)
+    rule = SplitRule(scan.stats)
+    log(f"data: {scan.stats.documents} documents, {scan.stats.chars:,} characters; "
+        f"{rule.train_documents} train / {rule.val_documents} validation documents")
 
-    train_docs = (doc for doc, val in zip(corpus, is_val) if not val)
-    lines = sample_training_lines(train_docs, int(lengths[~is_val].sum()), cfg.tokenizer_train_chars)
+    lines = _sample(corpus, rule, scan, cfg.tokenizer_train_chars)
     sample_chars = sum(map(len, lines))
     log(f"data: training a {cfg.tokenizer} tokenizer, vocab {cfg.vocab_size}, on {sample_chars:,} characters")
     tokenizer = Tokenizer(train_tokenizer(lines, cfg.tokenizer, cfg.vocab_size))
@@ -150,12 +155,11 @@ def _build(corpus: Corpus, cfg: DataConfig, fingerprint: str, out: Path, log: Lo
 
     dtype = token_dtype(tokenizer.vocab_size)
     writers = {split: ShardWriter(out, split, dtype) for split in SPLITS}
-    _tokenize(corpus, is_val, tokenizer, writers, log, int(lengths.sum()))
+    _tokenize(corpus, rule, scan, tokenizer, cfg.tokenizer, writers, resolve_workers(cfg.workers), log)
     splits = {}
-    for split, flag in (("train", False), ("val", True)):
+    for split, documents in (("train", rule.train_documents), ("val", rule.val_documents)):
         shards = writers[split].close()
-        splits[split] = {"documents": int((is_val == flag).sum()), "tokens": writers[split].tokens,
-                         "shards": shards}
+        splits[split] = {"documents": documents, "tokens": writers[split].tokens, "shards": shards}
     write_meta(out, {
         "format_version": FORMAT_VERSION,
         "dtype": dtype.name,

@@ -20,7 +20,7 @@ from competesmoe.errors import DataError
 EOS_ID = 1
 # sentencepiece drops sentences longer than max_sentence_length bytes; longer lines are cut into
 # chunks of this many characters (at most 4 UTF-8 bytes each) so that none is dropped.
-_MAX_LINE_CHARS = 4096
+MAX_LINE_CHARS = 4096
 # The thread count is recorded in the model file and changes its bytes, so it is fixed rather than
 # taken from the machine: the same inputs then give the same model (and sha256) everywhere.
 _TRAIN_THREADS = 4
@@ -38,7 +38,7 @@ TRAINER_OPTIONS = dict(
     eos_id=EOS_ID,
     bos_id=-1,
     pad_id=-1,
-    max_sentence_length=4 * _MAX_LINE_CHARS,
+    max_sentence_length=4 * MAX_LINE_CHARS,
     num_threads=_TRAIN_THREADS,
 )
 
@@ -52,21 +52,23 @@ def tokenizer_settings(kind: str, vocab_size: int, train_chars: int) -> dict:
 
 def _lines(doc: str) -> Iterator[str]:
     for line in doc.split("\n"):
-        for start in range(0, len(line), _MAX_LINE_CHARS):
-            yield line[start:start + _MAX_LINE_CHARS]
+        for start in range(0, len(line), MAX_LINE_CHARS):
+            yield line[start:start + MAX_LINE_CHARS]
 
 
-def sample_training_lines(documents: Iterable[str], total_chars: int, max_chars: int) -> List[str]:
-    """About `max_chars` characters of lines drawn uniformly from documents holding `total_chars`.
+def sample_training_lines(texts: Iterable[str], total_chars: int, max_chars: int) -> List[str]:
+    """About `max_chars` characters of lines drawn uniformly from texts holding `total_chars`.
 
     Each line is kept with probability max_chars / total_chars from a fixed-seed generator, so the
-    sample is spread over the whole corpus and is the same for the same documents.
+    sample is spread over the whole corpus and is the same for the same texts. The texts are whole
+    documents or consecutive pieces of them cut after a newline or, inside a line, a multiple of
+    MAX_LINE_CHARS characters from its start: either gives the same sample.
     """
     keep = max_chars / max(total_chars, 1)
     rng = random.Random(_SAMPLE_SEED)
     sample, chars = [], 0
-    for doc in documents:
-        for line in _lines(doc):
+    for text in texts:
+        for line in _lines(text):
             if line.strip() and (keep >= 1 or rng.random() < keep):
                 sample.append(line)
                 chars += len(line)
@@ -109,6 +111,11 @@ class Tokenizer:
             raise DataError(f"tokenizer model not found: {path}")
         return cls(path.read_bytes())
 
+    @property
+    def model(self) -> bytes:
+        """The serialised sentencepiece model."""
+        return self._model
+
     def save(self, path: str | Path) -> None:
         Path(path).write_bytes(self._model)
 
@@ -123,9 +130,28 @@ class Tokenizer:
     def encode(self, text: str) -> List[int]:
         return self._sp.encode(text)
 
-    def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
-        """Encode several texts at once, on all cores."""
-        return self._sp.encode(list(texts))
+    def encode_texts(self, texts: Sequence[str], by_line: bool = False) -> List[List[int]]:
+        """Each text's ids as `encode` gives them, computed in this thread only.
+
+        by_line encodes every line on its own and joins the lines' ids with the newline's. For a
+        BPE model that is exactly `encode(text)`: no piece holds a newline (the tokenizer trains on
+        lines), so no merge crosses one. It is also faster on long texts, as sentencepiece slows
+        down on long inputs. A unigram model must not use it: its best segmentation can break a
+        tie between equal-scoring pieces differently when the text is cut.
+        """
+        if not by_line:
+            return self._sp.encode(list(texts), num_threads=1)
+        lines = [text.split("\n") for text in texts]
+        flat = iter(self._sp.encode([line for text in lines for line in text], num_threads=1))
+        newline = self._sp.encode("\n")
+        out = []
+        for text in lines:
+            ids = list(next(flat))
+            for _ in range(len(text) - 1):
+                ids += newline
+                ids += next(flat)
+            out.append(ids)
+        return out
 
     def decode(self, ids: Iterable[int] | np.ndarray) -> str:
         return self._sp.decode(ids.tolist() if isinstance(ids, np.ndarray) else [int(i) for i in ids])
