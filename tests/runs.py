@@ -63,6 +63,17 @@ def effective(weights: dict, cfg) -> dict:
             for n, w in weights.items()}
 
 
+# adam_eps for runs compared with the one-device reference across processes. They sum gradients
+# in another order, so these differ by float32 rounding. Adam divides each gradient element by
+# its running RMS plus adam_eps, so an element whose first nonzero gradient is of the order of
+# adam_eps (a rare token's embedding: 6.6e-7 measured) moves by up to about lr / adam_eps
+# times its rounding difference: one embedding element ended 3.7e-5 apart with adam_eps=1e-6.
+# 1e-4 bounds that factor to 30 at lr 3e-3 (3000 with 1e-6); gradient elements above ~1e-3, the
+# bulk of these tiny runs, are still updated as by Adam. Measured with it (ZeRO-1/2 on 2x2, the resharded resumes,
+# DP=2): losses within 1.5e-7 relative, gradient norms 3.1e-7, weights 3.5e-7 absolute.
+MULTIPROCESS_ADAM_EPS = 1e-4
+
+
 def assert_follows_reference(run_dir: Path, *cfgs, loss_rtol: float, norm_rtol: float, weight_atol: float):
     """The trainer's logged steps (metrics.jsonl at log_every=1) and final weights (its latest
     checkpoint) against the reference run of `cfgs` (tests/reference_train.py, clipping with the
