@@ -15,7 +15,8 @@ from competesmoe.errors import CheckpointError
 from competesmoe.train.checkpoint import CheckpointReader, load_for_inference, resolve_checkpoint
 from competesmoe.train.ckpt_cli import main as ckpt_main
 from competesmoe.train.trainer import train
-from runs import overrides, train_losses
+from runs import (MULTIPROCESS_ADAM_EPS, assert_follows_reference, assert_same_weights, final_weights, overrides,
+                  train_losses)
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -92,9 +93,13 @@ def test_checkpoint_of_another_model_names_the_tensor(trained, corpus):
 
 
 def test_crash_during_save_leaves_previous_checkpoint(trained, corpus, tmp_path):
-    """In one process: the shard of step 8 is written, then the process dies before the commit."""
-    run_dir = _copy(trained, tmp_path).parent.parent
-    args = overrides(corpus, run_dir, trained[1], **{"train.steps": 10, "train.ckpt_every": 2})
+    """In one process: the shard of step 8 is written, then the process dies before the commit.
+    Rerunning resumes from step 6 and ends where a run that was never stopped ends."""
+    cache = trained[1]
+    args = overrides(corpus, tmp_path / "full", cache, **{"train.steps": 10, "train.ckpt_every": 2})
+    train(load_config(SMOKE, args))
+    run_dir = tmp_path / "run"
+    args = overrides(corpus, run_dir, cache, **{"train.steps": 10, "train.ckpt_every": 2})
     result = run(1, ["tests/workers/train_crash.py", "during-save", "8", str(SMOKE), *args])
     assert result.returncode == -9, result.stdout[-3000:] + result.stderr[-3000:]
     ckpts = run_dir / "checkpoints"
@@ -104,6 +109,8 @@ def test_crash_during_save_leaves_previous_checkpoint(trained, corpus, tmp_path)
     assert train(load_config(SMOKE, args)).step == 10
     assert not (ckpts / "step_00000008.tmp").exists()
     assert sorted(train_losses(run_dir)) == list(range(1, 11))
+    assert train_losses(run_dir) == train_losses(tmp_path / "full")  # bitwise, every step
+    assert_same_weights(final_weights(run_dir), final_weights(tmp_path / "full"))
 
 
 def test_export_matches_the_trained_model(trained, tmp_path):
@@ -152,6 +159,7 @@ def test_multiprocess_crash_and_exact_resume(corpus, tmp_path):
     assert resolve_checkpoint(tmp_path / "crashed").name == "step_00000006"
     assert module(2, crashed).returncode == 0
     assert train_losses(tmp_path / "crashed") == reference  # every step, bitwise
+    assert_same_weights(final_weights(tmp_path / "crashed"), final_weights(tmp_path / "full"))
 
     dying = overrides(corpus, tmp_path / "dying", cache, **MP, **{"parallel.zero_stage": 1})
     result = run(2, ["tests/workers/train_crash.py", "during-save", "9", str(SMOKE), *dying])
@@ -161,30 +169,35 @@ def test_multiprocess_crash_and_exact_resume(corpus, tmp_path):
     assert resolve_checkpoint(tmp_path / "dying").name == "step_00000006"
     assert module(2, dying).returncode == 0
     assert train_losses(tmp_path / "dying") == reference
+    assert_same_weights(final_weights(tmp_path / "dying"), final_weights(tmp_path / "full"))
 
 
 @pytest.mark.multiproc
 @pytest.mark.slow
 def test_reshard_2x2_to_1x1_4x1_1x4(corpus, tmp_path):
-    """A DP=2 x EP=2 checkpoint (ZeRO-1) loads into 1x1, 4x1 and 1x4 and training continues.
-    The next step sees the same global batch (the loader position is global), so its loss must
-    equal the 2x2 run's continuation; tolerance 1e-5 (only float32 summation order differs)."""
+    """A DP=2 x EP=2 run (ZeRO-1) killed after its checkpoint of step 6 resumes in 1x1, 4x1 and
+    1x4 (and 2x2) and finishes its 8 steps. The loader position is global, so every layout sees
+    the batches of the run never stopped: all 8 losses and the final weights must be those of
+    the one-device reference run (tests/reference_train.py). Only float32 summation order
+    differs between layouts, and MULTIPROCESS_ADAM_EPS keeps Adam from magnifying it."""
     cache = tmp_path / "cache"
-    base = {"train.steps": 6, "train.ckpt_every": 6, "train.eval_every": 6}
+    base = {"train.steps": 8, "train.ckpt_every": 6, "train.eval_every": 8, "train.adam_eps": MULTIPROCESS_ADAM_EPS}
     src = overrides(corpus, tmp_path / "src", cache, **base, **{"parallel.ep": 2, "parallel.zero_stage": 1})
-    assert module(4, src).returncode == 0
+    result = run(4, ["tests/workers/train_crash.py", "after-save", "6", str(SMOKE), *src])
+    assert result.returncode != 0 and resolve_checkpoint(tmp_path / "src").name == "step_00000006"
     layouts = {"2x2": (4, 2, 1), "1x1": (1, 1, 0), "4x1": (4, 1, 1), "1x4": (4, 4, 0)}
     next_losses = {}
     for name, (nproc, ep, zero) in layouts.items():
         shutil.copytree(tmp_path / "src", tmp_path / name)
-        args = overrides(corpus, tmp_path / name, cache, **dict(base, **{"train.steps": 8}),
-                         **{"parallel.ep": ep, "parallel.zero_stage": zero})
+        args = overrides(corpus, tmp_path / name, cache, **base, **{"parallel.ep": ep, "parallel.zero_stage": zero})
         result = module(nproc, args)
         assert result.returncode == 0, name + result.stdout[-3000:] + result.stderr[-3000:]
         assert "resumed from" in result.stdout
         losses = train_losses(tmp_path / name)
         assert sorted(losses) == list(range(1, 9))
         next_losses[name] = losses[7]
+        assert_follows_reference(tmp_path / name, load_config(SMOKE, args), loss_rtol=1e-6, norm_rtol=1e-5,
+                                 weight_atol=3e-6)
     assert max(next_losses.values()) - min(next_losses.values()) < 1e-5, next_losses
 
 

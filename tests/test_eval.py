@@ -84,6 +84,20 @@ def hand_pair(model, tokenizer, context: str, continuation: str, seq_len: int = 
     return total, greedy
 
 
+def hand_pick(logprobs: list[float], continuations: list[str] = None) -> int:
+    """lm-eval's choice, written out: the highest summed log-likelihood (acc) or, given the
+    continuations, log-likelihood per character of the choice without its joining space
+    (acc_norm); the first of equal ones, as numpy's argmax."""
+    values = list(logprobs)
+    if continuations is not None:
+        values = [lp / len(c.removeprefix(" ")) for lp, c in zip(logprobs, continuations)]
+    best = 0
+    for i, value in enumerate(values):
+        if value > values[best]:
+            best = i
+    return best
+
+
 def scorer_for(trained, batch_size=4, group=None) -> Scorer:
     args = {} if group is None else {"group": group}
     return Scorer(trained.model, trained.tokenizer, SEQ_LEN, batch_size, **args)
@@ -204,23 +218,25 @@ def write_olmo_task(root: Path, task: str, variant: str, docs: list[tuple[list[t
 
 def test_olmo_multiple_choice_and_winogrande_tasks(trained, tmp_path):
     choices = [" the", " a", " make all laws", " be"]
-    docs = [([(CONTEXT, c) for c in choices], gold) for gold in (0, 1, 2, 3)]
+    hand = [hand_pair(trained.model, trained.tokenizer, CONTEXT, c)[0] for c in choices]
+    # golds that make both accuracies depend on which choice is picked
+    by_sum, by_char = hand_pick(hand), hand_pick(hand, choices)
+    neither = next(i for i in range(4) if i not in (by_sum, by_char))
+    docs = [([(CONTEXT, c) for c in choices], gold) for gold in (by_sum, by_char, neither, by_sum)]
     wino = [([("The people chose the Congress because the Congress", " was wise."),
               ("The people chose the Congress because the people", " was wise.")], 1)]
     write_olmo_task(tmp_path, "hellaswag", "rc_0shot", docs)
     write_olmo_task(tmp_path, "winogrande", "rc_0shot", wino)
     scorer = scorer_for(trained)
-    hand = [hand_pair(trained.model, trained.tokenizer, CONTEXT, c)[0] for c in choices]
-    lengths = [T.choice_length(c) for c in choices]
     for limit in (None, 3):
         got = T.run_task(T.TASKS["hellaswag"], scorer, T.Sources(olmo_root=tmp_path, limit=limit))
         golds = [g for _, g in docs][:limit]
         assert got["n"] == len(golds)
-        assert got["acc"] == pytest.approx(sum(T.pick(hand) == g for g in golds) / len(golds))
-        assert got["acc_norm"] == pytest.approx(sum(T.pick(hand, lengths) == g for g in golds) / len(golds))
+        assert got["acc"] == pytest.approx(sum(hand_pick(hand) == g for g in golds) / len(golds))
+        assert got["acc_norm"] == pytest.approx(sum(hand_pick(hand, choices) == g for g in golds) / len(golds))
     got = T.run_task(T.TASKS["winogrande"], scorer, T.Sources(olmo_root=tmp_path))
     wino_hand = [hand_pair(trained.model, trained.tokenizer, c, x)[0] for c, x in wino[0][0]]
-    assert set(got) == {"status", "n", "acc"} and got["acc"] == float(T.pick(wino_hand) == 1)
+    assert set(got) == {"status", "n", "acc"} and got["acc"] == float(hand_pick(wino_hand) == 1)
 
 
 def test_lambada_accuracy_is_greedy_and_perplexity_is_over_documents(trained, tmp_path):
@@ -289,7 +305,7 @@ def test_cbt_fills_each_candidate_into_the_question(trained, tmp_path):
     context = " ".join(line.split(" ", 1)[1] for line in story) + " The"
     hand = [hand_pair(trained.model, trained.tokenizer, context, f" {c} of the United States shall make laws .")[0]
             for c in ("Congress", "people", "laws")]
-    assert got == {"status": "ok", "n": 2, "acc": float(T.pick(hand) == 0)}
+    assert got == {"status": "ok", "n": 2, "acc": float(hand_pick(hand) == 0)}
     assert T.run_task(T.TASKS["cbt_cn"], scorer_for(trained), T.Sources(cbt=tmp_path))["status"] == "missing"
 
 

@@ -16,7 +16,8 @@ import pytest
 from competesmoe.config import load_config
 from competesmoe.launcher.cli import array_indices, main, read_sweep
 from competesmoe.train.trainer import REQUEUE_EXIT_CODE
-from runs import overrides
+from runs import (MULTIPROCESS_ADAM_EPS, assert_follows_reference, assert_same_weights, final_weights, overrides,
+                  train_losses)
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -260,8 +261,8 @@ def test_torchrun_passes_on_the_requeue_exit_code(worker_code, expected, tmp_pat
 def test_torchrun_launch_stops_on_sigterm_with_a_checkpoint_and_resumes(corpus, tmp_path):
     """`competesmoe-launch torchrun` becomes launch/torchrun.sh, then torchrun with 2 CPU processes."""
     run_dir = tmp_path / "run"
-    argv = [sys.executable, "-m", "competesmoe.launcher", "torchrun", str(SMOKE), "--procs-per-node", "2",
-            *overrides(corpus, run_dir, tmp_path / "cache", **{"train.steps": 12})]
+    args = overrides(corpus, run_dir, tmp_path / "cache", **{"train.steps": 12, "train.adam_eps": MULTIPROCESS_ADAM_EPS})
+    argv = [sys.executable, "-m", "competesmoe.launcher", "torchrun", str(SMOKE), "--procs-per-node", "2", *args]
     proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=bare_env())
     deadline = time.time() + 300
@@ -279,6 +280,8 @@ def test_torchrun_launch_stops_on_sigterm_with_a_checkpoint_and_resumes(corpus, 
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert f"resumed from {run_dir}/checkpoints/step_{stopped:08d}" in rerun.stdout
     assert logged_steps(run_dir) == list(range(1, 13))
+    # losses and final weights of the one-device reference run: nothing was lost or redone
+    assert_follows_reference(run_dir, load_config(SMOKE, args), loss_rtol=1e-6, norm_rtol=1e-5, weight_atol=3e-6)
 
 
 # --- real jobs on a local Slurm ----------------------------------------------------------------
@@ -355,10 +358,12 @@ def test_slurm_job_is_requeued_after_preemption_and_resumes(nodes, procs, slurm,
     if slurm < nodes:
         pytest.skip(f"needs a Slurm with {nodes} nodes, this one has {slurm} (SLURM_NODES={nodes} bash tests/slurm/start.sh)")
     run_dir, steps = tmp_path / "run", 20
+    args = [f"train.steps={steps}", "train.log_every=1", f"run.dir={run_dir}", f"data.cache_dir={smoke_cache}"]
+    # one thread per process, so that the uninterrupted run below sums in the same order
+    env = dict(job_env(), OMP_NUM_THREADS="1")
     submit = subprocess.run(
         [sys.executable, "-m", "competesmoe.launcher", "slurm", str(SMOKE), "--nodes", str(nodes), "--gpus-per-node", "0",
-         "--procs-per-node", str(procs), f"train.steps={steps}", "train.log_every=1", f"run.dir={run_dir}",
-         f"data.cache_dir={smoke_cache}"], cwd=tmp_path, env=job_env(), capture_output=True, text=True, timeout=120)
+         "--procs-per-node", str(procs), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert submit.returncode == 0, submit.stdout + submit.stderr
     job = submitted_job_id(submit.stdout)
 
@@ -381,6 +386,16 @@ def test_slurm_job_is_requeued_after_preemption_and_resumes(nodes, procs, slurm,
     assert f"resumed from {run_dir}/checkpoints/step_{stopped:08d} at step {stopped}" in log
     assert logged_steps(run_dir) == list(range(1, steps + 1))  # each step logged once across both starts
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{steps:08d}"
+    # The same command never stopped, as 2 processes on this node: 2 data-parallel ranks sum
+    # each gradient as a + b on one node or two, so its losses and weights are the job's, bit for bit.
+    # (The smoke model's 2048 tokens x top-2 of 16 experts per step turn the rounding differences
+    # against the one-device reference into ~1e-3 within 20 steps, too much for a tight check.)
+    plain = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "-m", "competesmoe.train", str(SMOKE), *args, f"run.dir={tmp_path / 'plain'}"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert plain.returncode == 0, plain.stdout[-3000:] + plain.stderr[-3000:]
+    assert train_losses(run_dir) == train_losses(tmp_path / "plain")
+    assert_same_weights(final_weights(run_dir), final_weights(tmp_path / "plain"))
     assert (run_dir / "checkpoints" / f"step_{steps:08d}" / "COMMIT.json").is_file()
 
 

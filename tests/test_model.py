@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from competesmoe.config import load_config
+from competesmoe.config import load_config, to_dict
 from competesmoe.errors import ConfigError
 from competesmoe.model.config import ModelConfig, MoEConfig
 from competesmoe.model.moe.layer import FeedForward, MoELayer
@@ -147,11 +147,75 @@ def test_loss_decreases_when_fitting_a_batch(norm):
     assert lm_loss(torch.zeros(1, 1, 50), torch.tensor([[3]])).item() == pytest.approx(math.log(50))
 
 
-@pytest.mark.parametrize("path", sorted(p.relative_to(CONFIGS) for p in CONFIGS.rglob("*.yaml")))
+def expected_params(m: ModelConfig) -> tuple[int, int]:
+    """(total, active) parameters written from the method doc (sections 1, 5, 6) for any router:
+    untied embedding and head, per layer qkv and output projections, two LayerNorms (weight and
+    bias) and an FFN; a final LayerNorm. The MoE FFN holds E bias-free 2-layer experts (swiglu's
+    first layer holds gate and up), a router (W_g: E x d; XMoE: a projection to its routing dim
+    and E expert embeddings of that dim) and, for SharedE, an always-on shared MLP; `dense` is a
+    plain FFN of top_k * expert_hidden. Active counts top_k experts instead of E."""
+    moe = m.moe
+    d, inner = m.d_model, m.n_heads * (m.head_dim or m.d_model // m.n_heads)
+
+    def mlp(hidden):
+        return d * hidden * (2 if moe.activation == "swiglu" else 1) + hidden * d
+
+    total = active = m.vocab_size * d * (1 if m.tie_embeddings else 2) + 2 * d
+    for layer in range(m.n_layers):
+        common = 3 * d * inner + inner * d + 2 * 2 * d
+        if moe.router == "dense" or (layer + 1) % m.moe_every:  # MoE in every moe_every-th layer
+            total += common + mlp(moe.top_k * moe.expert_hidden)
+            active += common + mlp(moe.top_k * moe.expert_hidden)
+            continue
+        if moe.router == "xmoe":
+            dim = moe.xmoe_dim or moe.num_experts // 2
+            common += dim * d + moe.num_experts * dim
+        else:
+            common += moe.num_experts * d
+        if moe.router.startswith("sharede"):
+            common += mlp(moe.num_shared_experts * moe.expert_hidden)
+        total += common + moe.num_experts * mlp(moe.expert_hidden)
+        active += common + moe.top_k * mlp(moe.expert_hidden)
+    return total, active
+
+
+SHIPPED = sorted(p.relative_to(CONFIGS) for p in CONFIGS.rglob("*.yaml"))
+
+
+def test_every_config_is_checked_below():
+    assert {str(p) for p in SHIPPED} == {"reference_lm.yaml", "smoke.yaml", "quality/cpu.yaml"} | {
+        f"routers/{r}.yaml" for r in ("competesmoe", "dense", "sharede_v2", "sharede_v3", "sigmoid", "smoe", "xmoe")}
+
+
+@pytest.mark.parametrize("path", SHIPPED)
 def test_every_shipped_config_loads_and_builds(path):
+    """Each config says what its header and the README promise, and the model it builds has the
+    parameter counts of the architecture (on the meta device for the 154M-parameter ones)."""
     cfg = load_config(CONFIGS / path)
-    if cfg.model.d_model < 512:  # the 154M-parameter reference is built once, in its own test
-        Transformer(cfg.model)
+    reference = to_dict(load_config(CONFIGS / "reference_lm.yaml"))
+    smoke = to_dict(load_config(CONFIGS / "smoke.yaml"))
+    mine = to_dict(cfg)
+    if path.parts[0] == "routers":  # the reference LM with another router, and its own run.dir
+        assert cfg.model.moe.router == path.stem and cfg.run.dir == f"runs/reference_lm_{path.stem}"
+        mine["model"]["moe"]["router"], mine["run"]["dir"] = "competesmoe", "runs/reference_lm"
+        assert mine == reference
+    elif path.name == "cpu.yaml":  # smoke's model and data, 300 steps of 16 x 128 tokens, router per run
+        assert mine["model"] == dict(smoke["model"], moe=dict(smoke["model"]["moe"], router="smoe"))
+        assert mine["data"] == smoke["data"] and (cfg.train.steps, cfg.train.global_batch, cfg.train.seq_len) == (300, 16, 128)
+    elif path.name == "reference_lm.yaml":  # method doc, section 5
+        m, t = cfg.model, cfg.train
+        assert (m.n_layers, m.d_model, m.n_heads, m.attn_head_dim, m.rope_dims, m.moe.num_experts, m.moe.top_k,
+                m.moe.expert_hidden, m.moe.activation, m.vocab_size) == (16, 512, 4, 82, 40, 64, 8, 128, "relu", 8000)
+        assert (t.seq_len, t.global_batch, t.steps, t.lr, t.min_lr_ratio, t.weight_decay, t.grad_clip) == (
+            1024, 64, 100_000, 2.5e-4, 0.1, 0.01, 0.1)
+    else:  # README: "a 2.4M-parameter (1.5M active) CompeteSMoE LM with 16 experts per layer"
+        assert cfg.model.moe.router == "competesmoe" and cfg.model.moe.num_experts == 16
+        assert [round(n / 1e6, 1) for n in expected_params(cfg.model)] == [2.4, 1.5]
+    total, active = expected_params(cfg.model)
+    with torch.device("meta" if cfg.model.d_model >= 512 else "cpu"):
+        model = Transformer(cfg.model)
+    assert model.param_counts() == {"total": total, "active": active}
+    assert sum(p.numel() for p in model.parameters()) == total
 
 
 def test_base_config_chain(tmp_path):

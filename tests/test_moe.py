@@ -97,8 +97,12 @@ def test_competition_gradient_paths():
     assert not torch.allclose(layer.experts.w1.grad, g_detached)
 
 
-@pytest.mark.parametrize("double_softmax,detach", [(True, False), (False, True)])
+@pytest.mark.parametrize("double_softmax", [False, True])
+@pytest.mark.parametrize("detach", [False, True])
 def test_competition_balance_switches(double_softmax, detach):
+    """Each switch, on or off, against the reference, and each shows its effect: the second
+    softmax changes the balance loss; detaching it leaves the experts that win nowhere without
+    gradient, not detaching gives them one (the balance runs through all experts)."""
     comp = dict(balance_double_softmax=double_softmax, detach_balance=detach, balance_coef=0.5)
     layer = make_layer(num_experts=8, competition=comp)
     torch.manual_seed(4)
@@ -106,16 +110,20 @@ def test_competition_balance_switches(double_softmax, detach):
     _, aux, stats = layer(x, compete=True)
     aux.backward()
     w1 = layer.experts.w1.detach().clone().requires_grad_()
-    r = ref.competition_step(x.detach().view(-1, D), w1, layer.experts.w2.detach(), layer.router.weight.detach(),
-                             "relu", 2, B, 0.2, 0.001, 0.005, 0.5, double_softmax=double_softmax,
-                             detach_balance=detach)
+
+    def reference(double):
+        return ref.competition_step(x.detach().view(-1, D), w1, layer.experts.w2.detach(), layer.router.weight.detach(),
+                                    "relu", 2, B, 0.2, 0.001, 0.005, 0.5, double_softmax=double, detach_balance=detach)
+
+    r = reference(double_softmax)
     torch.testing.assert_close(stats.losses["competition_balance"], r["balance"].detach())
+    assert (stats.losses["competition_balance"] - reference(not double_softmax)["balance"]).abs() > 1e-6
     r["aux"].backward()
     torch.testing.assert_close(layer.experts.w1.grad, w1.grad, **F64)
     losers = sorted(set(range(8)) - set(r["winners"].flatten().tolist()))
-    if detach:
-        for e in losers:
-            assert layer.experts.w1.grad[e].abs().max() == 0
+    assert losers, "the setup must leave an expert without a win"
+    for e in losers:
+        assert (layer.experts.w1.grad[e].abs().max() == 0) == detach
 
 
 def reference_routing(router, params, x, top_k):

@@ -36,13 +36,19 @@ class TrainConfig:
     global_batch: int = 64
     micro_batch: Optional[int] = None
     seq_len: int = 1024
+    # The learning rate of optimizer step t (0-based): lr * (t + 1) / warmup_steps during the
+    # warm-up, then a half cosine from lr down to lr * min_lr_ratio, reached at t = steps.
     lr: float = 2.5e-4
     min_lr_ratio: float = 0.1
     warmup_steps: int = 0
+    # torch's AdamW; its decoupled weight decay applies to matrices (attention, FFN, experts,
+    # routers, head), not to norms, biases or embeddings (token, XMoE's expert embeddings).
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
+    # The whole gradient (every parameter, all ranks) is scaled to a global L2 norm of at most
+    # grad_clip (0 = off); metrics.jsonl logs grad_norm before clipping.
     grad_clip: float = 0.1
     device: str = "auto"  # auto (cuda when available) | cpu | cuda
     # auto = bf16 autocast on GPU and fp32 on CPU.
