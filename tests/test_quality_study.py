@@ -53,6 +53,10 @@ def test_cumulative_flops_and_curves_by_hand():
                                  (np.array([1, 2, 3]), np.array([4.0, 6.0, 8.0]))])
     assert xs.tolist() == [1, 2] and mean.tolist() == [3.0, 4.5]
     assert std.tolist() == pytest.approx([np.std([2, 4], ddof=1), np.std([3, 6], ddof=1)])
+    # runs that end apart: the band reaches the shorter one's end, the longer one interpolated there
+    xs, mean, _ = curves.band([(np.array([0, 10, 43]), np.array([3.0, 2.0, 1.0])),
+                               (np.array([0, 10, 45]), np.array([3.0, 2.0, 1.0]))])
+    assert xs.tolist() == [0, 10, 43] and mean[-1] == pytest.approx((1.0 + (2.0 - 33 / 35)) / 2)
 
 
 def test_difference_welch_and_paired_by_hand():
@@ -64,7 +68,11 @@ def test_difference_welch_and_paired_by_hand():
     paired = np.array(vb) - np.array(va)
     assert d["paired_diff"] == pytest.approx(paired.mean())
     assert d["paired_se"] == pytest.approx(paired.std(ddof=1) / math.sqrt(3))
-    assert d["resolved"] == (abs(d["diff"]) > 2 * d["se"])
+    qa, qb = np.var(va, ddof=1) / 3, np.var(vb, ddof=1) / 3
+    assert d["df"] == pytest.approx((qa + qb) ** 2 / (qa ** 2 / 2 + qb ** 2 / 2))  # Welch-Satterthwaite
+    assert d["resolved"] == (abs(d["diff"]) > study.t95(d["df"]) * d["se"])
+    assert d["paired_resolved"] == (abs(paired.mean()) > 4.303 * d["paired_se"])  # t_0.975 with 2 df
+    assert study.t95(2) == 4.303 and study.t95(2.9) == 4.303 and study.t95(1000) == 1.98
     assert study.difference(a[:1], b) is None
 
 

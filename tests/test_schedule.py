@@ -295,3 +295,22 @@ def test_competition_config_rejects_bad_values(key, value, message):
     cfg.adaptive.ema = 0.0
     with pytest.raises(ConfigError, match=r"c\.adaptive\.ema must be in \(0, 1\]"):
         cfg.validate("c")
+
+
+def test_resume_check_reads_keys_added_since_the_checkpoint_as_their_defaults():
+    """A checkpoint written before competition.adaptive / target_temperature existed resumes under
+    the defaults (the old behaviour); a non-default value of a new key is still a method change."""
+    from competesmoe.config import Config, to_dict
+    from competesmoe.train.resume import check_resume_config
+
+    now = to_dict(Config())
+    saved = json.loads(json.dumps(now))
+    del saved["model"]["moe"]["competition"]["adaptive"], saved["model"]["moe"]["competition"]["target_temperature"]
+    check_resume_config(saved, now, [], print, defaults=to_dict(Config()))
+    assert "adaptive" not in saved["model"]["moe"]["competition"]  # the caller's dict is left alone
+    sharper = json.loads(json.dumps(now))
+    sharper["model"]["moe"]["competition"]["target_temperature"] = 0.5
+    with pytest.raises(CheckpointError, match=r"target_temperature \(1.0 -> 0.5\)"):
+        check_resume_config(saved, sharper, [], print, defaults=to_dict(Config()))
+    with pytest.raises(CheckpointError, match="target_temperature"):  # without defaults: a change
+        check_resume_config(saved, now, [], print)

@@ -302,6 +302,11 @@ def evaluated_at(path: Path) -> Optional[int]:
     return report.get("step")
 
 
+def finished(run: Run, args) -> bool:
+    return latest_step(run.run_dir) == run.steps and all(evaluated_at(path) == run.steps
+                                                         for path, _ in eval_calls(run, args))
+
+
 def train_and_evaluate(run: Run, args, jobs: Jobs) -> dict:
     """Train (or resume, or find finished) and evaluate one run; {"status": ..., timings}."""
     start = time.perf_counter()
@@ -328,8 +333,9 @@ def execute(runs: list[Run], args, jobs: Jobs) -> dict[str, dict]:
     """Every run, --jobs at a time; progress and an estimate of the time left on the way."""
     outcomes: dict[str, dict] = {}
     start, done = time.perf_counter(), 0
-    total_flops = sum(r.flops for r in runs)
-    flops_done = 0.0
+    # The estimate of the time left: this invocation's seconds per FLOP of the runs it worked on.
+    to_do = {str(r.run_dir) for r in runs if not finished(r, args)}
+    flops_left, flops_done = sum(r.flops for r in runs if str(r.run_dir) in to_do), 0.0
 
     def one(run: Run) -> tuple[Run, dict]:
         if jobs.stopped:
@@ -341,12 +347,15 @@ def execute(runs: list[Run], args, jobs: Jobs) -> dict[str, dict]:
         for run, outcome in pool.map(one, runs):
             outcomes[str(run.run_dir)] = outcome
             done += 1
-            flops_done += run.flops
+            if str(run.run_dir) in to_do:
+                flops_done += run.flops
             elapsed = time.perf_counter() - start
-            left = elapsed * (total_flops - flops_done) / max(flops_done, 1.0)
+            left = elapsed * (flops_left - flops_done) / flops_done if flops_done else 0.0
             worked = [k for k in outcome if k.endswith("_s")]
-            took = ", ".join(f"{k[:-2]} {outcome[k] / 60:.1f} min" for k in worked) or "nothing to do"
-            print(f"quality: [{done}/{len(runs)}] {run.name}: {outcome['status']} ({took}); "
+            took = ", ".join(f"{k[:-2]} {outcome[k] / 60:.1f} min" for k in worked)
+            if outcome["status"] == "ok" and not took:
+                took = "done before"
+            print(f"quality: [{done}/{len(runs)}] {run.name}: {outcome['status']}" + (f" ({took})" if took else "") + "; "
                   f"{elapsed / 60:.1f} min so far, about {left / 60:.0f} min left", flush=True)
             if outcome["status"] not in ("ok", "stopped") and not jobs.stopped:
                 print(f"quality: see {run.run_dir}/train.log and eval.log; stopping", flush=True)
@@ -360,8 +369,10 @@ def _mean(values) -> Optional[float]:
     return statistics.fmean(values) if values else None
 
 
-def summarize_run(run: Run) -> dict:
-    """One run's numbers: evaluation results, training FLOPs and the routing statistics."""
+def summarize_run(run: Run, ecr_interval: tuple[int, int]) -> dict:
+    """One run's numbers: evaluation results, training FLOPs and the routing statistics. The expert
+    change rate is read between the checkpoints of `ecr_interval`, which every arm has (smoe_flops
+    saves on the same cadence and goes on longer)."""
     from competesmoe.eval import curves
 
     records = curves.read_metrics(run.run_dir)
@@ -399,12 +410,12 @@ def summarize_run(run: Run) -> dict:
     if routing.is_file():
         report = json.loads(routing.read_text())
         last = report["checkpoints"][-1]
-        rates = report["change_rate"]
+        rates = [r for r in report["change_rate"] if (r["from"], r["to"]) == tuple(ecr_interval)]
         out["routing"] = {
             "load_entropy": _mean(curves.normalized_entropy(layer) for layer in last["load"]),
             "ecr_topk": _mean(rates[-1]["topk"]) if rates else None,
             "ecr_top1": _mean(rates[-1]["top1"]) if rates else None,
-            "ecr_interval": [rates[-1]["from"], rates[-1]["to"]] if rates else None,
+            "ecr_interval": list(ecr_interval),
             "forced_agreement": _mean(last["competition"]["agreement"]) if last.get("competition") else None,
         }
     return out
@@ -419,13 +430,11 @@ def metric_values(summary: dict) -> dict[str, Optional[float]]:
         return r.get(metric) if r.get("status") == "ok" else None
 
     zero = {t: ok(t, m) for t, (m, _) in ZERO_SHOT_METRIC.items()}
-    blimp_groups = res.get("blimp", {}).get("groups") if res.get("blimp", {}).get("status") == "ok" else None
     routing = summary.get("routing") or {}
     flops = summary.get("flops") or {}
     return {
         "val_loss": ok("val", "loss"), "val_ppl": ok("val", "ppl"),
         "blimp_acc": ok("blimp", "acc"),
-        "blimp_paradigm_mean": statistics.fmean(blimp_groups.values()) if blimp_groups else None,
         **{f"{t}_{ZERO_SHOT_METRIC[t][0]}": v for t, v in zero.items()},
         "zeroshot_mean": _mean(zero.values()) if all(v is not None for v in zero.values()) else None,
         "train_tflop": flops.get("total", 0) / 1e12 if flops else None,
@@ -442,7 +451,7 @@ def metric_values(summary: dict) -> dict[str, Optional[float]]:
 
 # (key, label, digits); zero-shot rows are added from ZERO_SHOT_METRIC.
 QUALITY_ROWS = [("val_loss", "validation loss (whole split)", 4), ("val_ppl", "validation perplexity", 2),
-                ("blimp_acc", "BLiMP acc (67 paradigms)", 4), ("blimp_paradigm_mean", "BLiMP mean over paradigms", 4)]
+                ("blimp_acc", "BLiMP acc (67 paradigms, equally many pairs each)", 4)]
 QUALITY_ROWS += [(f"{t}_{m}", f"{t} {m} (chance {c:.2f})", 4) for t, (m, c) in ZERO_SHOT_METRIC.items()]
 QUALITY_ROWS += [("zeroshot_mean", "mean of the six zero-shot accuracies", 4)]
 ROUTING_ROWS = [("train_tflop", "training TFLOP (competition included)", 3),
@@ -453,8 +462,8 @@ ROUTING_ROWS = [("train_tflop", "training TFLOP (competition included)", 3),
                 ("target_entropy_gap_late", "ln E - H(p^C) of the distillation target, last quarter", 6),
                 ("load_entropy_late", "expert load entropy / ln E, last quarter of training", 4),
                 ("load_entropy_val", "expert load entropy / ln E at the end (validation tokens)", 4),
-                ("ecr_topk", "expert change rate (top-K) between the last two checkpoints", 4),
-                ("ecr_top1", "expert change rate (top-1) between the last two checkpoints", 4)]
+                ("ecr_topk", "expert change rate (top-K) over the last checkpoint interval of the base steps", 4),
+                ("ecr_top1", "expert change rate (top-1) over the same interval", 4)]
 
 
 def aggregate(summaries: list[dict], arms: list[str]) -> dict:
@@ -470,19 +479,40 @@ def aggregate(summaries: list[dict], arms: list[str]) -> dict:
     return out
 
 
+# Two-sided 95% critical values of Student's t by degrees of freedom; a df between two entries
+# takes the smaller df's (larger, conservative) value.
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000, 120: 1.980}
+
+
+def t95(df: float) -> float:
+    usable = [d for d in _T95 if d <= df]
+    return _T95[max(usable)] if usable else math.inf
+
+
+def _significant(diff: float, se: float, df: float) -> bool:
+    """|diff| > t_0.975(df) x se; a standard error of (numerically) zero, e.g. accuracies that moved by
+    the same count on every seed, is a degenerate test and resolves nothing."""
+    return bool(se > 1e-12 * max(abs(diff), 1.0) and abs(diff) > t95(df) * se)
+
+
 def difference(a: list[tuple[int, float]], b: list[tuple[int, float]]) -> Optional[dict]:
-    """b - a: the difference of the means ± its standard error (Welch), and the mean ± standard
-    error of the per-seed differences (seeds in both: same initial weights and data order)."""
+    """b - a over seeds, two ways, each `resolved` when |diff| > t_0.975(df) x its standard error:
+    Welch (difference of the means, SE sqrt(s_a^2/n_a + s_b^2/n_b), Welch-Satterthwaite df), and
+    paired by seed (mean of the per-seed differences, SE their std / sqrt(n), df n - 1; the same seed
+    means the same initial weights and data order, so the pairs share part of their noise)."""
     if len(a) < 2 or len(b) < 2:
         return None
     va, vb = [v for _, v in a], [v for _, v in b]
-    diff = statistics.fmean(vb) - statistics.fmean(va)
-    se = math.sqrt(statistics.variance(va) / len(va) + statistics.variance(vb) / len(vb))
+    qa, qb = statistics.variance(va) / len(va), statistics.variance(vb) / len(vb)
+    diff, se = statistics.fmean(vb) - statistics.fmean(va), math.sqrt(qa + qb)
+    df = (qa + qb) ** 2 / (qa ** 2 / (len(va) - 1) + qb ** 2 / (len(vb) - 1)) if se > 0 else math.inf
+    out = {"diff": diff, "se": se, "df": df, "resolved": _significant(diff, se, df)}
     paired = [dict(b)[s] - v for s, v in a if s in dict(b)]
-    out = {"diff": diff, "se": se, "resolved": bool(se > 0 and abs(diff) > 2 * se)}
     if len(paired) > 1:
-        out["paired_diff"] = statistics.fmean(paired)
-        out["paired_se"] = statistics.stdev(paired) / math.sqrt(len(paired))
+        out.update(paired_diff=statistics.fmean(paired), paired_n=len(paired),
+                   paired_se=statistics.stdev(paired) / math.sqrt(len(paired)))
+        out["paired_resolved"] = _significant(out["paired_diff"], out["paired_se"], len(paired) - 1)
     return out
 
 
@@ -531,8 +561,9 @@ def equal_flops(summaries: list[dict], arms: list[str]) -> dict:
                                          ("along_curve", along, "smoe_final", "loss_along_curve")):
             diffs = [r[b_key] - r[a_key] for r in rows]
             if len(diffs) > 1:
-                out[arm][f"{name}_diff"] = {"mean": statistics.fmean(diffs),
-                                            "se": statistics.stdev(diffs) / math.sqrt(len(diffs)), "n": len(diffs)}
+                mean, se = statistics.fmean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
+                out[arm][f"{name}_diff"] = {"mean": mean, "se": se, "n": len(diffs),
+                                            "resolved": _significant(mean, se, len(diffs) - 1)}
     return out
 
 
@@ -558,7 +589,8 @@ def _diff_cell(d: Optional[dict], digits: int = 4) -> str:
         return "-"
     text = f"{d['diff']:+.{digits}f} ± {d['se']:.{digits}f}" + (" *" if d["resolved"] else "")
     if "paired_diff" in d:
-        text += f" (paired {d['paired_diff']:+.{digits}f} ± {d['paired_se']:.{digits}f})"
+        text += (f" (paired {d['paired_diff']:+.{digits}f} ± {d['paired_se']:.{digits}f}"
+                 + (" *" if d["paired_resolved"] else "") + ")")
     return text
 
 
@@ -574,17 +606,20 @@ def findings(report: dict) -> list[str]:
         d = comp.get(arm, {}).get("val_loss")
         if not d:
             continue
-        verdict = ("larger than twice its standard error: resolved at this budget" if d["resolved"]
-                   else "within twice its standard error: not resolved at this budget")
-        lines.append(f"{arm} vs {REFERENCE_ARM} at equal steps: validation loss {d['diff']:+.4f} ± {d['se']:.4f}, "
-                     f"{verdict}.")
+        paired = d.get("paired_resolved")
+        verdict = ("resolved at this budget (95% t-test)" if d["resolved"] or paired
+                   else "not resolved at this budget: within the 95% t interval of zero")
+        text = f"{arm} vs {REFERENCE_ARM} at equal steps: validation loss {d['diff']:+.4f} ± {d['se']:.4f}"
+        if "paired_diff" in d:
+            text += f" (paired by seed {d['paired_diff']:+.4f} ± {d['paired_se']:.4f})"
+        lines.append(f"{text}, {verdict}.")
     for arm, rows in report["equal_flops"].items():
         d = rows.get("end_of_training_diff")
         if d:
-            verdict = "resolved" if abs(d["mean"]) > 2 * d["se"] else "not resolved"
-            sign = "better" if d["mean"] < 0 else "worse"
+            verdict = "resolved (95% t-test)" if d["resolved"] else "not resolved (within the 95% t interval of zero)"
+            sign = "lower (better)" if d["mean"] < 0 else "higher (worse)"
             lines.append(f"{arm} vs SMoE at equal training FLOPs (end of training): {d['mean']:+.4f} ± {d['se']:.4f} "
-                         f"(paired over seeds; {sign} than SMoE, {verdict} at 2 standard errors).")
+                         f"over {d['n']} seeds, {sign} than SMoE, {verdict}.")
     for task, (metric, chance) in ZERO_SHOT_METRIC.items():
         key = f"{task}_{metric}"
         means = [agg[a][key]["mean"] for a in arms if key in agg[a]]
@@ -625,9 +660,10 @@ def markdown(report: dict) -> str:
         if any(key in agg[a] for a in arms):
             lines.append(f"| {label} | " + " | ".join(_cell(agg[a].get(key), digits) for a in arms) + " |")
     lines += ["", f"### Differences to {REFERENCE_ARM}", "",
-              "Difference of the means ± its standard error sqrt(s1²/n1 + s2²/n2), * when larger than twice it; in "
-              "brackets the mean ± standard error of the per-seed differences (same seed: same initial weights "
-              "and data order).", "",
+              "Difference of the means ± its standard error sqrt(s1²/n1 + s2²/n2); in brackets the mean ± "
+              "standard error of the per-seed differences (same seed: same initial weights and data order). * "
+              "marks a difference larger than the two-sided 95% Student-t critical value times its standard "
+              "error (Welch-Satterthwaite degrees of freedom; paired: seeds - 1, so 4.30 x SE with 3 seeds).", "",
               "| arm | validation loss | BLiMP acc | mean zero-shot acc |", "|---|---|---|---|"]
     for arm in arms:
         if arm == REFERENCE_ARM:
@@ -642,7 +678,7 @@ def markdown(report: dict) -> str:
               "CompeteSMoE's FLOPs (smoe_flops), both trained to the end of their own learning-rate schedule. "
               "*Along the curve*: the arm's validation curve read at SMoE's final FLOPs minus SMoE's final loss "
               "(mid-run points of a cosine schedule are not annealed, so this favours SMoE). Mean ± standard error "
-              "over seeds; negative = better than SMoE.", "",
+              "over seeds, * as above (paired); negative = better than SMoE.", "",
               "| arm | FLOPs / SMoE's | end of training | along the curve |", "|---|---|---|---|"]
     base_flops = agg.get(REFERENCE_ARM, {}).get("train_tflop", {}).get("mean")
     for arm, rows in report["equal_flops"].items():
@@ -651,14 +687,18 @@ def markdown(report: dict) -> str:
         cells = []
         for name in ("end_of_training_diff", "along_curve_diff"):
             d = rows.get(name)
-            cells.append(f"{d['mean']:+.4f} ± {d['se']:.4f}" + (" *" if abs(d["mean"]) > 2 * d["se"] else "")
-                         if d else "-")
+            cells.append(f"{d['mean']:+.4f} ± {d['se']:.4f}" + (" *" if d["resolved"] else "") if d else "-")
         lines.append(f"| {arm} | {ratio_text} | " + " | ".join(cells) + " |")
     lines += ["", "## Routing statistics", "", head]
     for key, label, digits in ROUTING_ROWS:
         if any(key in agg[a] for a in arms):
             lines.append(f"| {label} | " + " | ".join(_cell(agg[a].get(key), digits) for a in arms) + " |")
-    lines += ["", f"Agreement at chance is K/E = {report.get('chance', 0):.3f}.", "",
+    interval = next((s["routing"]["ecr_interval"] for s in report["runs"] if s.get("routing")), None)
+    lines += ["", f"Agreement at chance is K/E = {report.get('chance', 0):.3f}. Training statistics are means over "
+              "the logged windows of the last quarter of training (agreement and the target's entropy over the "
+              "windows in which a layer competed); validation-token statistics come from competesmoe-eval routing"
+              + (f"; the expert change rate is between the checkpoints of steps {interval[0]} and {interval[1]}."
+                 if interval else "."), "",
               "## Per run", "", "| arm | seed | steps | val loss | BLiMP | zero-shot mean | TFLOP | tokens/s |",
               "|---|---|---|---|---|---|---|---|"]
     for s in report["runs"]:
@@ -676,14 +716,14 @@ def markdown(report: dict) -> str:
     lines += [f"- {s}" for s in findings(report)]
     lines += [
         "- Differences not marked * are within noise. A marked one is weak evidence as well: with this many "
-        "metrics and arms compared, about one in twenty crosses two standard errors by chance alone, and the "
+        "metrics and arms compared, about one in twenty crosses the 95% threshold by chance alone, and the "
         "zero-shot standard deviations are over training seeds on the same examples (their sampling error, "
         f"about sqrt(p(1-p)/{report['limit']}), comes on top).",
-        "- One small model (d=128, 4 layers, 16 experts top-2) on one small corpus, a few million tokens: the "
-        "method doc expects routers to differ by tenths of a perplexity point at 0.15B scale, so a null result "
-        "here says the effect is below this budget's resolution, not that it is absent at scale.",
+        f"- One small model ({report['model']}) on one small corpus, {report['tokens_per_run']} tokens per run: "
+        "the method doc expects routers to differ by tenths of a perplexity point at 0.15B scale, so a null "
+        "result here says the effect is below this budget's resolution, not that it is absent at scale.",
         "- tokens/s were measured with --jobs runs sharing the machine's cores; they are not a speed benchmark "
-        "(tools/../competesmoe-profile --steps is).",
+        "(`competesmoe-profile --steps` is).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -692,7 +732,10 @@ def build_report(runs: list[Run], args, argv, wall: float, figures: list[str]) -
     cfg = load(args, [])
     tc = cfg.train
     complete = [r for r in runs if latest_step(r.run_dir) == r.steps and (r.run_dir / "eval" / "val.json").is_file()]
-    summaries = [summarize_run(r) for r in complete]
+    steps = args.steps or tc.steps
+    ckpt_every = max(1, steps // args.checkpoints)  # as cadence() sets it
+    last = steps // ckpt_every * ckpt_every
+    summaries = [summarize_run(r, (last - ckpt_every, last)) for r in complete]
     arms = [a for a in args.arm_names if any(s["arm"] == a for s in summaries)]
     comparisons = {}
     for arm in arms:
@@ -700,7 +743,6 @@ def build_report(runs: list[Run], args, argv, wall: float, figures: list[str]) -
             continue
         comparisons[arm] = {key: difference(per_seed(summaries, REFERENCE_ARM, key), per_seed(summaries, arm, key))
                             for key in ("val_loss", "blimp_acc", "zeroshot_mean")}
-    steps = args.steps or tc.steps
     return {
         "command": "python " + shlex.join(["tools/quality_benchmark.py", *argv]),
         "machine": f"{os.cpu_count()}-core CPU ({platform.machine()}, {cpu_name()}), no GPU; "
@@ -713,6 +755,9 @@ def build_report(runs: list[Run], args, argv, wall: float, figures: list[str]) -
                   f"{cfg.model.moe.top_k} (width {cfg.model.moe.expert_hidden}); omega {cfg.model.moe.competition.omega}, "
                   f"A_max {cfg.model.moe.competition.a_max}; config {args.config.name}"
                   + (f" with {' '.join(args.set)}" if args.set else ""),
+        "model": f"d_model {cfg.model.d_model}, {cfg.model.n_layers} layers, {cfg.model.moe.num_experts} experts "
+                 f"top-{cfg.model.moe.top_k}",
+        "tokens_per_run": f"{steps * tc.global_batch * tc.seq_len / 1e6:.2f}M",
         "num_experts": cfg.model.moe.num_experts, "chance": cfg.model.moe.top_k / cfg.model.moe.num_experts,
         "arms": arms, "arm_descriptions": {a: ARMS[a].what for a in arms},
         "arm_overrides": {a: arm_overrides(a, args) for a in arms},
@@ -784,24 +829,32 @@ def calibrate(args, jobs: Jobs) -> int:
         tps = statistics.median(r["tokens_per_s"] for r in lines[1:] or lines)
         cfg = load(cal, run.overrides)
         tokens = cfg.train.global_batch * cfg.train.seq_len
-        step_s = tokens / tps
-        evals = sum(v for k, v in outcome.items() if k.startswith("eval_"))
-        per[run.arm] = {"step_s": step_s, "overhead_s": max(outcome["train_s"] - steps * step_s, 0.0),
-                        "eval_s": evals, "flops_per_step": run.flops / run.steps}
+        # A validation forward costs about a third of a training step per token.
+        val_s = cfg.train.eval_batches * min(cfg.train.micro_batch or cfg.train.global_batch,
+                                             cfg.train.global_batch) * cfg.train.seq_len / (3 * tps)
+        validations = sum(1 for r in records if "val_loss" in r)
+        rest = max(outcome["train_s"] - steps * tokens / tps, 0.0)
+        per[run.arm] = {"step_s": tokens / tps, "val_s": val_s, "start_s": max(rest - validations * val_s, 0.0),
+                        "eval_s": sum(v for k, v in outcome.items() if k.startswith("eval_")),
+                        "flops_per_step": run.flops / run.steps}
     smoe, comp = per["smoe"], per["competesmoe"]
     eval_s = statistics.fmean([smoe["eval_s"], comp["eval_s"]])
-    per_flop = (comp["step_s"] - smoe["step_s"]) / max(comp["flops_per_step"] - smoe["flops_per_step"], 1.0)
+    start_s = statistics.fmean([smoe["start_s"], comp["start_s"]])
+    # seconds per extra FLOP of competition (not below 0: a contended machine can time it so)
+    per_flop = max(comp["step_s"] - smoe["step_s"], 0.0) / max(comp["flops_per_step"] - smoe["flops_per_step"], 1.0)
     print(f"calibration ({steps} steps, {args.jobs} job(s) at once, {args.threads} thread(s) each):")
     for arm, p in per.items():
-        print(f"  {arm:12s} {p['step_s'] * 1e3:7.1f} ms/step, {p['overhead_s']:5.1f} s start-up/validation/"
-              f"checkpoints, {p['eval_s']:6.1f} s evaluation")
+        print(f"  {arm:12s} {p['step_s'] * 1e3:7.1f} ms/step, {p['val_s']:5.1f} s per validation, {p['start_s']:5.1f} s "
+              f"start-up and checkpoints, {p['eval_s']:6.1f} s evaluation")
 
     def projected(study_steps: int) -> float:
         total = 0.0
         for run in plan(args, study_steps):
             flops_per_step = run.flops / run.steps
             step_s = smoe["step_s"] + (flops_per_step - smoe["flops_per_step"]) * per_flop
-            total += run.steps * step_s + smoe["overhead_s"] * run.steps / steps + eval_s
+            every = int(next(o for o in run.overrides if o.startswith("train.eval_every=")).split("=")[1])
+            validations = run.steps // every + 1 + (run.steps % every > 0)
+            total += run.steps * step_s + validations * smoe["val_s"] + start_s + eval_s
         return total / args.jobs
 
     study_steps = args.steps or load(args, []).train.steps
@@ -809,8 +862,8 @@ def calibrate(args, jobs: Jobs) -> int:
     per_step = (doubled - now) / study_steps  # the projection is linear in the steps
     fit = int(study_steps + (args.target_minutes * 60 - now) / per_step)
     print(f"projected study ({len(plan(args, study_steps))} runs, {study_steps} steps per arm): {now / 60:.0f} min")
-    print(f"--steps {fit} would take about {args.target_minutes:.0f} min (start-up and validation scale with the "
-          "steps, the evaluation per run is as measured)")
+    print(f"--steps {fit} would take about {args.target_minutes:.0f} min (steps timed as above, validations at the "
+          "study's cadence, the evaluation of a run as measured; a projection, not a measurement)")
     return 0
 
 

@@ -109,14 +109,16 @@ def normalized_entropy(fractions: Sequence[float]) -> float:
 
 
 def band(curves: Sequence[Curve]) -> Band:
-    """(x, mean, sample std) over runs at the x values all of them have (std 0 for one run)."""
+    """(x, mean, sample std) over runs (std 0 for one run), on the x values any of them has within the
+    range all of them cover; a run without a point there is interpolated linearly. Runs logged at
+    the same x (the usual case) are compared point by point; runs that end a few steps apart
+    (smoe_flops over seeds) keep the last point they all reach."""
+    curves = [(np.asarray(x, dtype=float), np.asarray(y, dtype=float)) for x, y in curves if len(x)]
     if not curves:
         return np.array([]), np.array([]), np.array([])
-    common = set(curves[0][0].tolist())
-    for x, _ in curves[1:]:
-        common &= set(x.tolist())
-    xs = np.array(sorted(common))
-    ys = np.array([[y[np.flatnonzero(x == v)[-1]] for v in xs] for x, y in curves])
+    low, high = max(x[0] for x, _ in curves), min(x[-1] for x, _ in curves)
+    xs = np.unique(np.concatenate([x[(x >= low) & (x <= high)] for x, _ in curves]))
+    ys = np.array([np.interp(xs, x, y) for x, y in curves])
     std = ys.std(0, ddof=1) if len(curves) > 1 else np.zeros(len(xs))
     return xs, ys.mean(0), std
 

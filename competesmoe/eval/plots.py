@@ -189,10 +189,10 @@ def plot_group_losses(groups: dict[str, list[list[dict]]], path: Path) -> Path:
     fig = Figure(figsize=(16, 4.5))
     step_ax, flops_ax, diff_ax = fig.subplots(1, 3)
     step_bands, flop_bands, reference = [], [], None
-    for name, runs in groups.items():
+    for i, (name, runs) in enumerate(groups.items()):
         vals = [curves.val_curve(r) for r in runs]
         steps, mean, std = curves.band(vals)
-        color = _draw_band(step_ax, steps, mean, std, f"{name} (n={len(runs)})")
+        color = _draw_band(step_ax, steps, mean, std, f"{name} (n={len(runs)})", f"C{i}")
         step_bands.append((steps, mean, std))
         flops = [curves.flops_at(r, v[0]) for r, v in zip(runs, vals)]
         if all(f is not None for f in flops) and len(steps):
@@ -237,8 +237,8 @@ def plot_group_routing(groups: dict[str, list[list[dict]]], run_dirs: dict[str, 
               "share of training FLOPs spent on competition (cumulative)",
               "expert change rate between checkpoints (top-K, mean over layers)",
               "training loss (mean ± std)"]
-    for name, runs in groups.items():
-        color = None
+    for i, (name, runs) in enumerate(groups.items()):
+        color = f"C{i}"  # the same colour for a group in every panel and in groups_loss.png
         n_experts = [len(r["routing"]["load"][0]) for records in runs for r in curves.training_lines(records)
                      if r.get("routing")][:1]
         entropy_gap = []
@@ -257,13 +257,13 @@ def plot_group_routing(groups: dict[str, list[list[dict]]], run_dirs: dict[str, 
         for ax, panel in zip(axes, panels):
             xs, mean, std = curves.band([c for c in panel if len(c[0])])
             if len(xs):
-                color = _draw_band(ax, xs, mean, std, name, color)
+                _draw_band(ax, xs, mean, std, name, color)
     for ax, title in zip(axes, titles):
         ax.set_title(title, fontsize="small")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[4].set_xlabel("checkpoint step")
-    axes[0].legend(fontsize="small")
+    axes[5].legend(fontsize="small")  # every group has a training loss
     fig.suptitle("routing statistics of the groups (mean ± std over their runs; windows in which layers competed)")
     return _save(fig, path)
 

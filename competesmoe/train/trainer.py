@@ -93,7 +93,7 @@ def setup(cfg: Config) -> _Run:
     checkpointer = Checkpointer(run_dir / "checkpoints", mesh, tc.keep_last, tc.keep_every)
     resume = checkpointer.resumable(log)
     if resume is not None:
-        check_resume_config(resume.trainer["config"], to_dict(cfg), cfg.run.allow_changes, log)
+        check_resume_config(resume.trainer["config"], to_dict(cfg), cfg.run.allow_changes, log, to_dict(Config()))
 
     data = _prepare_data_once(cfg, mesh, log)
     if data.tokenizer.vocab_size != cfg.model.vocab_size:
