@@ -148,6 +148,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--sharp-temperature must be > 0")
     if args.blimp_dir is not None and not args.blimp_dir.exists():
         p.error(f"--blimp-dir {args.blimp_dir} does not exist")
+    # The jobs run in the repository root: every path the user gave is taken from here.
+    for name in ("config", "blimp_dir", "runs_dir", "out"):
+        if getattr(args, name) is not None:
+            setattr(args, name, getattr(args, name).resolve())
+    args.data_cache = str(Path(args.data_cache).resolve())
     return args
 
 
@@ -867,6 +872,13 @@ def calibrate(args, jobs: Jobs) -> int:
     return 0
 
 
+def prepare_once(args) -> None:
+    """Tokenize the corpus here, once, rather than in the first --jobs runs at the same time."""
+    from competesmoe.data.prepare import prepare_data
+
+    prepare_data(load(args, [f"data.cache_dir={args.data_cache}"]).data, log=print)
+
+
 # -- main ------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -876,12 +888,14 @@ def main(argv=None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, jobs.stop)
     if args.calibrate:
+        prepare_once(args)
         return calibrate(args, jobs)
     runs = plan(args)
     print_plan(runs, args)
     if args.plan:
         return 0
     start = time.perf_counter()
+    prepare_once(args)
     outcomes = execute(runs, args, jobs)
     figures = draw_figures(runs, args)
     report = build_report(runs, args, argv, time.perf_counter() - start, figures)

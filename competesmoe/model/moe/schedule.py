@@ -207,9 +207,9 @@ class AdaptiveSchedule:
                 self.credit[i] = min(owed, CREDIT_CAP)
                 if chosen[i]:
                     self.competitions[i] += 1
-                    if agreement[i] is not None:
-                        old = self.agreement[i]
-                        self.agreement[i] = agreement[i] if old is None else (1 - self.ema) * old + self.ema * agreement[i]
+                    new, old = agreement[i], self.agreement[i]
+                    if new is not None:
+                        self.agreement[i] = new if old is None else (1 - self.ema) * old + self.ema * new
         self.next_step = step + 1
 
     def summary(self) -> dict:
