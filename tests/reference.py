@@ -87,8 +87,9 @@ def top_k_renorm(scores, k):
 
 
 def competition_step(x, w1, w2, router_w, activation, k, num_seqs, alpha, beta, gamma, balance_coef,
-                     weights_mode="renorm", double_softmax=False, detach_balance=False):
-    """Method doc section 2, dense over all experts. Returns the output and each loss."""
+                     weights_mode="renorm", double_softmax=False, detach_balance=False, target_temperature=1.0):
+    """Method doc section 2, dense over all experts. Returns the output and each loss. The
+    distillation target is softmax(s / target_temperature) (1 = the paper's softmax(s))."""
     outs = all_expert_outputs(x, w1, w2, activation)  # [E, T, d]
     s = torch.log1p(torch.exp(outs)).mean(-1).t()  # [T, E]
     top, winners = torch.topk(s, k, dim=-1)
@@ -96,7 +97,7 @@ def competition_step(x, w1, w2, router_w, activation, k, num_seqs, alpha, beta, 
     T = x.shape[0]
     winner_out = torch.stack([torch.stack([outs[winners[t, j], t] for j in range(k)]) for t in range(T)])  # [T, K, d]
     y = (w.unsqueeze(-1) * winner_out).sum(1)
-    p_c = softmax(s).detach()
+    p_c = softmax(s / target_temperature).detach()
     p_r = softmax(x @ router_w.t())
     l_d = ((p_r - p_c) ** 2).mean() + alpha * ((p_r.gather(1, winners) - p_c.gather(1, winners)) ** 2).mean()
     u = winner_out / winner_out.norm(dim=-1, keepdim=True)
@@ -106,4 +107,5 @@ def competition_step(x, w1, w2, router_w, activation, k, num_seqs, alpha, beta, 
     bal_in = softmax(s) if double_softmax else s
     l_bal = entropy_balance(bal_in.detach() if detach_balance else bal_in, num_seqs)
     aux = beta * l_d + gamma * l_div + balance_coef * l_bal
-    return dict(y=y, s=s, winners=winners, weights=w, distill=l_d, diversity=l_div, balance=l_bal, aux=aux)
+    return dict(y=y, s=s, winners=winners, weights=w, distill=l_d, diversity=l_div, balance=l_bal, aux=aux,
+                target=p_c)

@@ -536,3 +536,7 @@ def test_adapter_with_lm_eval(run_dir, trained):
     instance = Instance("loglikelihood", {}, (CONTEXT, " make"), 0)
     expected, greedy = hand_pair(trained.model, trained.tokenizer, CONTEXT, " make")
     assert lm.loglikelihood([instance])[0] == (pytest.approx(expected, abs=1e-4), greedy)
+    # registering ours must not hide lm-eval's own models in the same process
+    from lm_eval.api.registry import get_model
+
+    assert get_model("hf") is not None and get_model("competesmoe") is CompeteSMoELM

@@ -60,6 +60,37 @@ def test_competition_step_matches_reference(activation, weights):
         torch.testing.assert_close(got[name], want, **F64, msg=name)
 
 
+@pytest.mark.parametrize("temperature", [0.05, 3.0])
+def test_sharper_distillation_target_matches_reference(temperature):
+    """competition.target_temperature=T: the router imitates softmax(s / T); everything else, and
+    every gradient, is the paper's step."""
+    layer = make_layer(competition=dict(beta=0.3, gamma=0.4, balance_coef=0.5, target_temperature=temperature))
+    torch.manual_seed(2)
+    x = torch.randn(B, N, D, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(B, N, D, dtype=torch.float64)
+    y, aux, stats = layer(x, compete=True)
+    ((y * g).sum() + aux).backward()
+    got = grads(layer, x)
+
+    x_ref = x.detach().clone().requires_grad_()
+    w1, w2, wr = (t.detach().clone().requires_grad_() for t in
+                  (layer.experts.w1, layer.experts.w2, layer.router.weight))
+    r = ref.competition_step(x_ref.view(-1, D), w1, w2, wr, "relu", 2, B, 0.2, 0.3, 0.4, 0.5,
+                             target_temperature=temperature)
+    ((r["y"].view(B, N, D) * g).sum() + r["aux"]).backward()
+    paper = ref.competition_step(x.detach().view(-1, D), w1.detach(), w2.detach(), wr.detach(), "relu", 2, B,
+                                 0.2, 0.3, 0.4, 0.5)
+
+    torch.testing.assert_close(y, r["y"].view(B, N, D), **F64)
+    torch.testing.assert_close(aux, r["aux"], **F64)
+    torch.testing.assert_close(stats.losses["distill"], r["distill"].detach(), **F64)
+    assert abs(stats.losses["distill"].item() - paper["distill"].item()) > 1e-6  # the switch changes L_D
+    p = r["target"]  # the logged entropy is that of the target actually used
+    torch.testing.assert_close(stats.s_entropy, -(p * p.log()).sum(-1).mean(), **F64)
+    for name, want in [("experts.w1", w1.grad), ("experts.w2", w2.grad), ("router.weight", wr.grad), ("x", x_ref.grad)]:
+        torch.testing.assert_close(got[name], want, **F64, msg=name)
+
+
 def test_competition_gradient_paths():
     """The router learns only from beta * L_D; experts that win nowhere learn only through the
     competition balance term; the winners' weights are not detached."""

@@ -151,3 +151,45 @@ def test_bad_competition_exchange_is_one_line_naming_the_key(override, message, 
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error:") and message in err and err.count("\n") == 1, err
     assert not any(tmp_path.iterdir())  # failed before any work
+
+
+@pytest.mark.multiproc
+def test_adaptive_budget_takes_the_same_decisions_on_every_rank(corpus, tmp_path):
+    """DP=2: the ranks train on different data, so their own agreement values differ; reduced over
+    ranks they are identical, and so is every competition decision. Fed their local values
+    instead, two schedules would have decided differently (so the reduction is what makes them agree)."""
+    import json
+
+    from competesmoe.model.moe.schedule import AdaptiveSchedule
+
+    extra = {"train.steps": 40, "train.eval_every": 40, "train.ckpt_every": 40, "train.log_every": 10,
+             "model.moe.competition.mode": "adaptive", "model.moe.competition.omega": 0.45,
+             "model.moe.competition.adaptive.ema": 1.0}
+    args = overrides(corpus, tmp_path / "run", tmp_path / "cache", **extra)
+    result = torchrun(2, "tests/workers/adaptive_ranks.py", str(tmp_path / "out"), str(ROOT / "configs" / "smoke.yaml"),
+                      *args)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    ranks = [json.loads((tmp_path / "out" / f"rank{r}.json").read_text()) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 40
+    assert [s["compete"] for s in ranks[0]] == [s["compete"] for s in ranks[1]]
+    assert [s["reduced"] for s in ranks[0]] == [s["reduced"] for s in ranks[1]]
+    local = [(a, b) for s0, s1 in zip(*ranks) for a, b in zip(s0["local"], s1["local"]) if a is not None]
+    assert sum(a != b for a, b in local) > len(local) // 2  # the ranks measured different values
+    for s0, s1 in zip(*ranks):  # the reduced value is the mean of the ranks' own
+        for a, b, r in zip(s0["local"], s1["local"], s0["reduced"]):
+            assert (r is None and a is None) or r == pytest.approx((a + b) / 2, abs=1e-6)
+
+    def replay(steps, key):
+        """A schedule fed the recorded values `key` of one rank (a layer the recorded run did not
+        pick, once the replay has diverged from it, is fed 0.5)."""
+        sched = AdaptiveSchedule(0, 2, 40, 0.45, 1, chance=0.5, ema=1.0)
+        decisions = []
+        for t, s in enumerate(steps):
+            c = sched.competes(t)
+            decisions.append(c)
+            sched.update(t, [(s[key][i] if s["compete"][i] else 0.5) if c[i] else None for i in range(2)])
+        return decisions
+
+    recorded = [s["compete"] for s in ranks[0]]
+    assert replay(ranks[0], "reduced") == recorded  # the trainer decided as the rule says
+    assert replay(ranks[0], "local") != replay(ranks[1], "local")

@@ -242,22 +242,15 @@ def test_stop_signal_mid_log_window_then_resume_logs_the_same_lines(sig, corpus,
 
 
 def test_second_ctrl_c_aborts_at_once(corpus, tmp_path):
-    args = [str(SMOKE), *overrides(corpus, tmp_path / "run", tmp_path / "cache", **{"train.steps": 400})]
-    proc = subprocess.Popen([sys.executable, "-m", "competesmoe.train", *args], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not train_losses_or_empty(tmp_path / "run") and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, out + err
-    assert err.strip().endswith("interrupted") and "Traceback" not in err
-
-
-def train_losses_or_empty(run_dir: Path) -> dict:
-    return train_losses(run_dir) if (run_dir / "metrics.jsonl").exists() else {}
+    """Two Ctrl-C during step 3: the first asks for a stop after the step, the second aborts at
+    once (no step 3 logged, no checkpoint), with one line and exit code 130."""
+    args = [str(SMOKE), *overrides(corpus, tmp_path / "run", tmp_path / "cache", **{"train.steps": 40})]
+    proc = _start(["signal-at", f"3:{int(signal.SIGINT)}:2", *args], ROOT)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 130, out
+    assert out.rstrip().endswith("interrupted") and "Traceback" not in out
+    assert sorted(train_losses(tmp_path / "run")) == [1, 2]
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 # -- checks before any work, one line each ---------------------------------------------------------

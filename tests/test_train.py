@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from competesmoe.config import load_config
@@ -140,3 +141,42 @@ def test_wandb_when_configured_offline(corpus, tmp_path, monkeypatch):
     train(load_config(SMOKE, args))
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+
+def test_adaptive_budget_stop_and_resume_continues_exactly(corpus, tmp_path, monkeypatch):
+    """mode=adaptive: a run stopped by a signal at step 13 and resumed logs the same losses, the
+    same competing layers and the same schedule state at every step as an uninterrupted run."""
+    import os
+
+    import competesmoe.train.trainer as trainer
+
+    extra = {"train.steps": 30, "train.ckpt_every": 100, "model.moe.competition.mode": "adaptive",
+             "model.moe.competition.omega": 0.4, "model.moe.competition.a_max": 1}
+    train(load_config(None, overrides(corpus, tmp_path / "full", tmp_path / "cache", **extra)))
+
+    real_step, calls = trainer.train_step, []
+
+    def step_then_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 13:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*args, **kwargs)
+
+    args = overrides(corpus, tmp_path / "stopped", tmp_path / "cache", **extra)
+    monkeypatch.setattr(trainer, "train_step", step_then_signal)
+    stopped = train(load_config(None, args))
+    assert stopped.stopped_early and stopped.step == 13
+    monkeypatch.setattr(trainer, "train_step", real_step)
+    assert train(load_config(None, args)).step == 30
+
+    def per_step(run_dir):
+        return {r["step"]: (r["loss"], r["routing"]["competed"], r["schedule"])
+                for r in read_metrics(run_dir) if "loss" in r}
+
+    full, resumed = per_step(tmp_path / "full"), per_step(tmp_path / "stopped")
+    assert sorted(resumed) == list(range(1, 31)) and resumed == full  # bitwise, every step
+    competed = np.array([full[s][1] for s in range(1, 31)])
+    assert competed.sum(1).max() == 1 and competed[13:].sum() > 0  # a_max = 1; it competed after the stop
+    estimates = full[30][2]["agreement_estimate"]
+    assert all(a is not None for a in estimates)  # both layers were measured and fed back
+    assert full[30][2]["rates"] != full[1][2]["rates"]  # and the rates moved with them

@@ -94,6 +94,9 @@ def adapter_class(base: type) -> type:
 
 def _lm_eval_class() -> type:
     try:
+        # lm-eval registers its own models (hf, vllm, ...) lazily, only while its registry is
+        # empty: load them first, or registering ours would hide them for the rest of the process.
+        import lm_eval.models  # noqa: F401
         from lm_eval.api.model import LM
         from lm_eval.api.registry import register_model
     except ImportError as err:

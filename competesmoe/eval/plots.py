@@ -1,6 +1,7 @@
 """`competesmoe-plot`: figures (PNG) of training runs from their metrics.jsonl and routing reports.
 
     competesmoe-plot RUN_DIR [RUN_DIR ...] --out DIR [--routing REPORT.json ...]
+    competesmoe-plot --group NAME RUN_DIR [RUN_DIR ...] [--group NAME ...] --out DIR
 
 writes to DIR
   loss.png                      training and validation loss of all runs on one figure;
@@ -9,13 +10,22 @@ writes to DIR
                                 router/competition agreement over steps (runs that competed);
   <report>_over_checkpoints.png  from a `competesmoe-eval routing --out REPORT.json` report: expert
                                 change rate between consecutive checkpoints, load imbalance and
-                                forced-competition agreement per checkpoint.
+                                forced-competition agreement per checkpoint;
+with --group (runs of one arm over several seeds; mean ± sample std bands over its runs):
+  groups_loss.png               validation loss against steps and against training FLOPs (competition
+                                included), and each group's difference to the first group's mean;
+  groups_routing.png            router/competition agreement, entropy gap ln E - H(p^C) of the
+                                distillation target, expert load entropy / ln E, share of training FLOPs
+                                spent on competition, and the expert change rate between checkpoints
+                                of runs that hold a routing report RUN_DIR/routing.json
+                                (`competesmoe-eval routing RUN_DIR --out RUN_DIR/routing.json`).
 Figures are drawn with matplotlib's object API on the Agg canvas (no display, no global backend).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -24,19 +34,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from competesmoe.errors import CompeteSMoEError, cli_main
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise CompeteSMoEError(f"{run_dir} has no metrics.jsonl (is it a run directory?)")
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue  # a line cut short by a crash
-    return records
+from competesmoe.eval import curves
+from competesmoe.eval.curves import read_metrics
 
 
 def run_names(run_dirs: Sequence[Path]) -> list[str]:
@@ -170,6 +169,113 @@ def plot_routing_report(report: dict, path: Path, title: str) -> Path:
     return _save(fig, path)
 
 
+def _draw_band(ax, xs, mean, std, label, color=None):
+    line, = ax.plot(xs, mean, label=label, color=color, linewidth=1.3)
+    ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+    return line.get_color()
+
+
+def _zoom_to_late_training(ax, bands: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], start: float = 0.25):
+    """Loss curves fall steeply at first: show the range of the bands after `start` of the x range."""
+    late = [(m - s)[x >= start * x[-1]].tolist() + (m + s)[x >= start * x[-1]].tolist() for x, m, s in bands if len(x)]
+    values = [v for group in late for v in group]
+    if values:
+        low, high = min(values), max(values)
+        pad = 0.05 * (high - low or 1.0)
+        ax.set_ylim(low - pad, high + pad)
+
+
+def plot_group_losses(groups: dict[str, list[list[dict]]], path: Path) -> Path:
+    fig = Figure(figsize=(16, 4.5))
+    step_ax, flops_ax, diff_ax = fig.subplots(1, 3)
+    step_bands, flop_bands, reference = [], [], None
+    for i, (name, runs) in enumerate(groups.items()):
+        vals = [curves.val_curve(r) for r in runs]
+        steps, mean, std = curves.band(vals)
+        color = _draw_band(step_ax, steps, mean, std, f"{name} (n={len(runs)})", f"C{i}")
+        step_bands.append((steps, mean, std))
+        flops = [curves.flops_at(r, v[0]) for r, v in zip(runs, vals)]
+        if all(f is not None for f in flops) and len(steps):
+            x = curves.band([(v[0], f) for v, f in zip(vals, flops)])[1]
+            _draw_band(flops_ax, x, mean, std, name, color)
+            flop_bands.append((x, mean, std))
+        if reference is None:
+            reference = (steps, mean)
+        shared = np.isin(steps, reference[0])
+        base = reference[1][np.isin(reference[0], steps)]
+        _draw_band(diff_ax, steps[shared], mean[shared] - base, std[shared], name, color)
+    _zoom_to_late_training(step_ax, step_bands)
+    _zoom_to_late_training(flops_ax, flop_bands)
+    _zoom_to_late_training(diff_ax, [(x, m - m, s) for x, m, s in step_bands])
+    step_ax.set_xlabel("step")
+    flops_ax.set_xlabel("training FLOPs (competition included)")
+    diff_ax.set_xlabel("step")
+    step_ax.set_title("validation loss (mean ± std over seeds)")
+    flops_ax.set_title("validation loss against training compute")
+    diff_ax.set_title(f"difference to {next(iter(groups))}'s mean (band: the group's std)")
+    diff_ax.axhline(0.0, color="black", linewidth=0.6)
+    for ax in (step_ax, flops_ax, diff_ax):
+        ax.grid(alpha=0.3)
+    step_ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def _change_rate_curve(run_dir: Path) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    path = Path(run_dir) / "routing.json"
+    if not path.is_file():
+        return None
+    rates = json.loads(path.read_text()).get("change_rate") or []
+    return np.array([r["to"] for r in rates]), np.array([float(np.mean(r["topk"])) for r in rates])
+
+
+def plot_group_routing(groups: dict[str, list[list[dict]]], run_dirs: dict[str, list[Path]], path: Path) -> Path:
+    fig = Figure(figsize=(16, 8.5))
+    axes = fig.subplots(2, 3).ravel()
+    titles = ["router / competition agreement |T^R ∩ T^C| / K (mean over layers)",
+              "ln E - H(p^C): how far the distillation target is from uniform",
+              "expert load entropy / ln E (mean over layers)",
+              "share of training FLOPs spent on competition (cumulative)",
+              "expert change rate between checkpoints (top-K, mean over layers)",
+              "training loss (mean ± std)"]
+    for i, (name, runs) in enumerate(groups.items()):
+        color = f"C{i}"  # the same colour for a group in every panel and in groups_loss.png
+        n_experts = [len(r["routing"]["load"][0]) for records in runs for r in curves.training_lines(records)
+                     if r.get("routing")][:1]
+        entropy_gap = []
+        for records in runs:
+            x, h = curves.layer_mean_curve(records, "s_entropy")
+            entropy_gap.append((x, math.log(n_experts[0]) - h) if n_experts else (x, h))
+        fraction = [curves.competition_fraction(r) for r in runs]
+        ecr = [_change_rate_curve(d) for d in run_dirs[name]]
+        train = [(np.array([r["step"] for r in curves.training_lines(records)]),
+                  np.array([r["loss"] if r["loss"] is not None else np.nan for r in curves.training_lines(records)]))
+                 for records in runs]
+        panels = [[curves.layer_mean_curve(r, "agreement") for r in runs], entropy_gap,
+                  [curves.load_entropy_curve(r) for r in runs],
+                  fraction if all(f is not None for f in fraction) else [],
+                  ecr if all(e is not None for e in ecr) else [], train]
+        for ax, panel in zip(axes, panels):
+            xs, mean, std = curves.band([c for c in panel if len(c[0])])
+            if len(xs):
+                _draw_band(ax, xs, mean, std, name, color)
+    for ax, title in zip(axes, titles):
+        ax.set_title(title, fontsize="small")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[4].set_xlabel("checkpoint step")
+    axes[5].legend(fontsize="small")  # every group has a training loss
+    fig.suptitle("routing statistics of the groups (mean ± std over their runs; windows in which layers competed)")
+    return _save(fig, path)
+
+
+def plot_groups(groups: dict[str, Sequence[Path]], out: Path) -> list[Path]:
+    """The --group figures of the module docstring."""
+    metrics = {name: [read_metrics(d) for d in dirs] for name, dirs in groups.items()}
+    run_dirs = {name: [Path(d) for d in dirs] for name, dirs in groups.items()}
+    return [plot_group_losses(metrics, out / "groups_loss.png"),
+            plot_group_routing(metrics, run_dirs, out / "groups_routing.png")]
+
+
 def plot_runs(run_dirs: Sequence[Path], out: Path, routing_reports: Sequence[Path] = (),
               log: Callable[[str], None] = print) -> list[Path]:
     """Every figure of the module docstring; returns the files written."""
@@ -194,14 +300,24 @@ def plot_runs(run_dirs: Sequence[Path], out: Path, routing_reports: Sequence[Pat
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="competesmoe-plot", description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="run directories (with metrics.jsonl)")
+    parser.add_argument("runs", nargs="*", type=Path, help="run directories (with metrics.jsonl)")
     parser.add_argument("--out", type=Path, required=True, help="directory for the PNG files")
     parser.add_argument("--routing", nargs="+", type=Path, default=[],
                         help="routing reports written by `competesmoe-eval routing --out`")
+    parser.add_argument("--group", nargs="+", action="append", default=[], metavar=("NAME", "RUN_DIR"),
+                        help="a named group of runs (e.g. one router over seeds), drawn as mean ± std bands; repeatable")
     args = parser.parse_args(argv)
+    if not args.runs and not args.group:
+        parser.error("give run directories, --group NAME RUN_DIR ..., or both")
+    bad = [g[0] for g in args.group if len(g) < 2]
+    if bad:
+        parser.error(f"--group {bad[0]} names no run directory")
 
     def run() -> int:
-        for path in plot_runs(args.runs, args.out, args.routing):
+        written = plot_runs(args.runs, args.out, args.routing) if args.runs else []
+        if args.group:
+            written += plot_groups({g[0]: [Path(d) for d in g[1:]] for g in args.group}, args.out)
+        for path in written:
             print(path)
         return 0
 

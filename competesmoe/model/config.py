@@ -18,6 +18,30 @@ NORMS = ("layernorm", "rmsnorm")
 
 
 @dataclass
+class AdaptiveConfig:
+    """The adaptive competition budget (competition.mode=adaptive; model/moe/schedule.py)."""
+
+    # Weight of the newest competition step in a layer's running agreement estimate.
+    ema: float = 0.5
+    # Fraction of the budget shared equally, so that every layer keeps competing (and being measured).
+    floor: float = 0.25
+    # The budget falls linearly from L * omega (routers at chance agreement K/E) to
+    # min_budget * L * omega (full agreement); 1 keeps it at L * omega.
+    min_budget: float = 1.0
+
+    def validate(self, path: str) -> None:
+        if not 0.0 < self.ema <= 1.0:
+            raise ConfigError(f"{path}.ema must be in (0, 1], got {self.ema}")
+        if not 0.0 <= self.floor <= 1.0:
+            raise ConfigError(f"{path}.floor must be in [0, 1], got {self.floor}")
+        if not 0.0 <= self.min_budget <= 1.0:
+            raise ConfigError(f"{path}.min_budget must be in [0, 1], got {self.min_budget}")
+
+
+COMPETITION_MODES = ("schedule", "adaptive", "always", "never")
+
+
+@dataclass
 class CompetitionConfig:
     # Probability that a layer competes at a step, and the cap on competing layers per step.
     omega: float = 0.07
@@ -27,6 +51,10 @@ class CompetitionConfig:
     # Distillation L_D = MSE over all experts + alpha * MSE over the winners, weighted by beta.
     alpha: float = 0.2
     beta: float = 0.001
+    # The distillation target is softmax(s / target_temperature); 1 is the paper's softmax(s). The
+    # responses s of all experts lie close together, so T = 1 gives a nearly uniform target; T < 1
+    # sharpens it (not part of the published method).
+    target_temperature: float = 1.0
     # Diversity loss (mean pairwise cosine similarity of the winners' outputs).
     gamma: float = 0.005
     # Entropy balance term on softmax(s) over all experts; not detached unless detach_balance.
@@ -38,8 +66,11 @@ class CompetitionConfig:
     detach_balance: bool = False
     # Winner weights: "renorm" (s_i / sum of winners' s, the reference) or "softmax" over winners.
     weights: str = "renorm"
-    # "schedule" follows the omega / A_max schedule; "always" / "never" force every MoE layer.
+    # "schedule": the paper's seeded omega / A_max table; "adaptive": the same budget (or less, see
+    # adaptive.min_budget) steered towards the layers whose router agrees least with the
+    # competition; "always" / "never" force every MoE layer (analysis, profiling).
     mode: str = "schedule"
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
 
     def validate(self, path: str) -> None:
         if not 0.0 <= self.omega <= 1.0:
@@ -53,8 +84,11 @@ class CompetitionConfig:
                 raise ConfigError(f"{path}.{name} must be >= 0, got {getattr(self, name)}")
         if self.weights not in ("renorm", "softmax"):
             raise ConfigError(f"{path}.weights must be 'renorm' or 'softmax', got '{self.weights}'")
-        if self.mode not in ("schedule", "always", "never"):
-            raise ConfigError(f"{path}.mode must be schedule, always or never, got '{self.mode}'")
+        if self.target_temperature <= 0:
+            raise ConfigError(f"{path}.target_temperature must be > 0, got {self.target_temperature}")
+        if self.mode not in COMPETITION_MODES:
+            raise ConfigError(f"{path}.mode must be one of {', '.join(COMPETITION_MODES)}, got '{self.mode}'")
+        self.adaptive.validate(f"{path}.adaptive")
 
 
 @dataclass

@@ -131,9 +131,11 @@ class LogWindow:
         # Competition FLOPs per step over all ranks (each rank counts its own tokens).
         comp_flops = self.routing.competition_flops / self.steps * mesh.world
         loss, aux = means.tolist()
+        # Training FLOPs per step without competition (self.tokens counts all ranks' tokens).
+        model_flops = flops_per_token * self.tokens / self.steps
         record = {"step": step, "loss": loss, "aux_loss": aux, "lr": lr, "grad_norm": grad_norm,
                   "tokens_per_s": tokens_per_s, "competing_layers": self.competing / self.steps,
-                  "competition_flops": comp_flops, "skipped_steps": self.skipped,
+                  "model_flops": model_flops, "competition_flops": comp_flops, "skipped_steps": self.skipped,
                   "routing": self.routing.summary(mesh)}
         if peak:
             record["mfu"] = (flops_per_token * tokens_per_s + comp_flops * self.steps / elapsed) / (peak * mesh.world)

@@ -9,7 +9,7 @@ a note, since it stretches the learning-rate and competition schedules.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 from competesmoe.errors import CheckpointError
 
@@ -46,6 +46,16 @@ def _leaves(tree: dict, prefix: str = "") -> Iterator[tuple[str, object]]:
             yield path, value
 
 
+def _set(tree: dict, dotted: str, value: object) -> None:
+    """tree[a][b]... = value for the dotted key a.b...; copies the dicts on the way, not the caller's."""
+    head, _, rest = dotted.partition(".")
+    if not rest:
+        tree[head] = value
+        return
+    tree[head] = dict(tree.get(head) or {})
+    _set(tree[head], rest, value)
+
+
 def covered(key: str, prefixes) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
@@ -56,8 +66,17 @@ def changed_keys(saved: dict, now: dict) -> dict[str, tuple[object, object]]:
     return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
 
 
-def check_resume_config(saved: dict, now: dict, allowed: list[str], log: Callable[[str], None]) -> None:
-    """Refuse (one CheckpointError naming every key) or accept, noting what the user should know."""
+def check_resume_config(saved: dict, now: dict, allowed: list[str], log: Callable[[str], None],
+                        defaults: Optional[dict] = None) -> None:
+    """Refuse (one CheckpointError naming every key) or accept, noting what the user should know.
+    A key the checkpoint's config does not have (added to the code since) counts as its value in
+    `defaults`, the config of a fresh Config(): new keys default to the behaviour the code had."""
+    if defaults is not None:
+        old = dict(_leaves(saved))
+        saved = dict(saved)
+        for key, value in _leaves(defaults):
+            if key not in old:
+                _set(saved, key, value)
     changes = changed_keys(saved, now)
     for key, why in NEVER_ALLOWED.items():
         if key in changes:

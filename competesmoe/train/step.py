@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Sequence
+from typing import Callable, ContextManager, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from competesmoe.model.moe.layer import MoEStats
 from competesmoe.model.transformer import Transformer, lm_loss
+from competesmoe.parallel.mesh import Mesh
 from competesmoe.train.engine import Engine
 
 
@@ -38,3 +40,22 @@ def train_step(model: Transformer, engine: Engine, inputs: Tensor, targets: Tens
         stats.append(out.moe_stats)
     outcome = engine.step(loss + aux)
     return StepOutput(loss, aux, outcome.grad_norm, outcome.applied, stats)
+
+
+def reduced_agreement(out: StepOutput, compete: Sequence[bool], mesh: Mesh) -> list[Optional[float]]:
+    """Each competing layer's router/competition agreement in this step, averaged over the
+    micro-batches and all ranks (equal token counts), so that every rank holds the same values;
+    None for the layers that did not compete. A collective when some layer competed (every rank
+    has the same `compete`)."""
+    if not any(compete):
+        return [None] * len(compete)
+    sums = torch.zeros(len(compete), dtype=torch.float64, device=mesh.device)
+    for micro in out.moe_stats:
+        for i, stats in enumerate(micro):
+            if stats.competed:
+                sums[i] += stats.agreement.double()
+    sums /= len(out.moe_stats)
+    if mesh.distributed:
+        dist.all_reduce(sums)
+        sums /= mesh.world
+    return [v if c else None for v, c in zip(sums.tolist(), compete)]

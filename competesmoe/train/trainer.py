@@ -30,7 +30,7 @@ from competesmoe.data.loader import TrainLoader, val_batches
 from competesmoe.data.prepare import PreparedData, load_prepared, prepare_data
 from competesmoe.errors import CheckpointError, CompeteSMoEError, ConfigError, DataError, DivergenceError
 from competesmoe.model.moe.experts import check_backend
-from competesmoe.model.moe.schedule import CompetitionSchedule
+from competesmoe.model.moe.schedule import Schedule, build_competition_schedule
 from competesmoe.model.transformer import Transformer
 from competesmoe.parallel.config import micro_batches
 from competesmoe.parallel.mesh import Mesh, init_mesh
@@ -41,7 +41,7 @@ from competesmoe.train.metrics import LogWindow, MetricsWriter, peak_flops
 from competesmoe.train.optim import lr_at
 from competesmoe.train.resume import check_resume_config, covered
 from competesmoe.train.signals import REQUEUE_EXIT_CODE, StopRequest, mark_stopped
-from competesmoe.train.step import train_step
+from competesmoe.train.step import reduced_agreement, train_step
 
 __all__ = ["train", "TrainResult", "REQUEUE_EXIT_CODE"]
 
@@ -65,7 +65,7 @@ class _Run:
     model: Transformer
     engine: Engine
     loader: TrainLoader
-    schedule: CompetitionSchedule
+    schedule: Schedule
     checkpointer: Checkpointer
     window: LogWindow
     micro_batches: int
@@ -93,7 +93,7 @@ def setup(cfg: Config) -> _Run:
     checkpointer = Checkpointer(run_dir / "checkpoints", mesh, tc.keep_last, tc.keep_every)
     resume = checkpointer.resumable(log)
     if resume is not None:
-        check_resume_config(resume.trainer["config"], to_dict(cfg), cfg.run.allow_changes, log)
+        check_resume_config(resume.trainer["config"], to_dict(cfg), cfg.run.allow_changes, log, to_dict(Config()))
 
     data = _prepare_data_once(cfg, mesh, log)
     if data.tokenizer.vocab_size != cfg.model.vocab_size:
@@ -113,13 +113,17 @@ def setup(cfg: Config) -> _Run:
         cfg=cfg, mesh=mesh, run_dir=run_dir, data=data, model=model,
         engine=build_engine(model, cfg, mesh, n_micro),
         loader=TrainLoader(data.train_tokens(), tc.seq_len, tc.global_batch, cfg.seed, mesh.rank, mesh.world),
-        schedule=CompetitionSchedule(cfg.seed, len(model.moe_layers), tc.steps, **_schedule_args(cfg)),
+        schedule=_schedule(cfg, len(model.moe_layers)),
         checkpointer=checkpointer, window=LogWindow(len(model.moe_layers), mesh.device),
         micro_batches=n_micro, autocast=_autocast(cfg, mesh.device), log=log)
     if resume is not None:
         state = checkpointer.load(resume, model, run.engine)
         run.loader.load_state_dict(state["loader"], same_data=not new_data)
         run.step, run.val_loss = state["step"], state.get("val_loss")
+        if "schedule" in state:
+            note = run.schedule.load_state_dict(state["schedule"], run.step)
+            if note:
+                log(f"note: {note}")
         if "log_window" in state:
             run.window.load_state_dict(state["log_window"])
         run.skipped_in_a_row = state.get("skipped_in_a_row", 0)
@@ -156,6 +160,10 @@ def _steps(run: _Run, stop: StopRequest, metrics: Optional[MetricsWriter]) -> bo
         compete = run.schedule.competes(run.step)
         inputs, targets = (t.to(mesh.device) for t in run.loader.next_batch())
         out = train_step(run.model, run.engine, inputs, targets, compete, run.micro_batches, run.autocast)
+        if run.schedule.needs_feedback:
+            # A skipped (non-finite) step measured nothing worth keeping; `applied` is the same on every rank.
+            agreement = reduced_agreement(out, compete, mesh) if out.applied else [None] * len(compete)
+            run.schedule.update(run.step, agreement)
         run.step += 1
         run.window.add_step(out.loss, out.aux_loss, out.applied, tc.global_batch * tc.seq_len, sum(compete))
         for stats in out.moe_stats:
@@ -167,6 +175,9 @@ def _steps(run: _Run, stop: StopRequest, metrics: Optional[MetricsWriter]) -> bo
         diverged = not out.applied and (tc.nonfinite == "stop" or run.skipped_in_a_row > tc.max_skipped_steps)
         if run.step % tc.log_every == 0 or run.step == tc.steps or diverged:
             record = run.window.record(run.step, lr, out.grad_norm, mesh, flops_per_token, peak)
+            schedule_state = run.schedule.summary()  # the adaptive budget's rates and estimates
+            if schedule_state:
+                record["schedule"] = schedule_state
             if metrics:
                 metrics.write(record, _summary(record, tc.steps))
             run.window = LogWindow(len(run.model.moe_layers), mesh.device)
@@ -318,7 +329,8 @@ def _prepare_data_once(cfg: Config, mesh: Mesh, log) -> PreparedData:
     return prepared if first_on_node else load_prepared(Path(node_leader))
 
 
-def _schedule_args(cfg: Config) -> dict:
-    c = cfg.model.moe.competition
-    mode = c.mode if cfg.model.moe.router == "competesmoe" else "never"
-    return dict(omega=c.omega, a_max=c.a_max, warmup_fraction=c.warmup_fraction, mode=mode)
+def _schedule(cfg: Config, n_moe_layers: int) -> Schedule:
+    moe = cfg.model.moe
+    mode = moe.competition.mode if moe.router == "competesmoe" else "never"
+    return build_competition_schedule(cfg.seed, n_moe_layers, cfg.train.steps, moe.competition, mode,
+                                      chance=moe.top_k / moe.num_experts)

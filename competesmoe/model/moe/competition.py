@@ -26,13 +26,19 @@ def select_winners(s: Tensor, top_k: int, weights: str) -> tuple[Tensor, Tensor]
     return indices, top.softmax(-1)
 
 
-def distillation_loss(router_logits: Tensor, s: Tensor, winners: Tensor, alpha: float) -> Tensor:
+def distillation_target(s: Tensor, temperature: float = 1.0) -> Tensor:
+    """p^C = softmax(s / T), without gradient; T = 1 is the paper's softmax(s)."""
+    return (s.detach() / temperature).softmax(-1)
+
+
+def distillation_loss(router_logits: Tensor, s: Tensor, winners: Tensor, alpha: float,
+                      temperature: float = 1.0) -> Tensor:
     """L_D = mean_{t,e} (p^R - p^C)^2 + alpha * mean_{t, k in T^C} (p^R_k - p^C_k)^2 (MSE, not KL).
 
-    p^C = softmax(s) is a fixed target (no gradient into the experts); p^R = softmax(router
+    p^C = softmax(s / T) is a fixed target (no gradient into the experts); p^R = softmax(router
     logits) over all experts. The winners' probabilities are gathered without renormalising.
     """
-    target = s.detach().softmax(-1)
+    target = distillation_target(s, temperature)
     squared = (router_logits.softmax(-1) - target).pow(2)
     return squared.mean() + alpha * squared.gather(1, winners).mean()
 

@@ -42,7 +42,7 @@ class MoEStats:
     losses: dict[str, Tensor] = field(default_factory=dict)  # unweighted components
     s_mean: Optional[Tensor] = None  # competition steps only from here on
     s_std: Optional[Tensor] = None
-    s_entropy: Optional[Tensor] = None  # mean over tokens of H(softmax(s))
+    s_entropy: Optional[Tensor] = None  # mean over tokens of H(p^C), the target softmax(s / T)
     agreement: Optional[Tensor] = None  # mean |T^R intersect T^C| / K
     competition_flops: float = 0.0  # matmul FLOPs of the all-expert pass, forward + backward
 
@@ -138,11 +138,11 @@ class MoELayer(nn.Module):
         winners, weights = comp.select_winners(s, self.top_k, c.weights)
         # The router sees the (not detached) input only through the distillation loss.
         router_logits = self.router.logits(tokens)
-        distill = comp.distillation_loss(router_logits, s, winners, c.alpha)
+        distill = comp.distillation_loss(router_logits, s, winners, c.alpha, c.target_temperature)
         balance = comp.competition_balance(s, num_seqs, c.balance_double_softmax, c.detach_balance)
         aux = c.beta * distill + c.balance_coef * balance
         with torch.no_grad():
-            probs = s.softmax(-1)
+            probs = comp.distillation_target(s, c.target_temperature)
             router_indices = self.router.select(router_logits)[0]
             stats = MoEStats(
                 competed=True,
