@@ -37,7 +37,7 @@ setup(
         "console_scripts": [
             "competesmoe-train=competesmoe.train.cli:main",
             "competesmoe-data=competesmoe.data.cli:main",
-            "competesmoe-ckpt=competesmoe.train.ckpt_cli:main",
+            "competesmoe-ckpt=competesmoe.export.ckpt_cli:main",
             "competesmoe-launch=competesmoe.launcher.cli:main",
             "competesmoe-profile=competesmoe.profiling.kernels:main",
             "competesmoe-eval=competesmoe.eval.cli:main",

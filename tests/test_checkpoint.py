@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from competesmoe.config import load_config
 from competesmoe.errors import CheckpointError
 from competesmoe.train.checkpoint import CheckpointReader, load_for_inference, resolve_checkpoint
-from competesmoe.train.ckpt_cli import main as ckpt_main
+from competesmoe.export.ckpt_cli import main as ckpt_main
 from competesmoe.train.trainer import train
 from runs import (MULTIPROCESS_ADAM_EPS, assert_follows_reference, assert_same_weights, final_weights, overrides,
                   train_losses)

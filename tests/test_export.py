@@ -28,7 +28,7 @@ from competesmoe.model.config import ROUTERS, ModelConfig, MoEConfig  # noqa: E4
 from competesmoe.model.generate import generate  # noqa: E402
 from competesmoe.model.transformer import Transformer  # noqa: E402
 from competesmoe.train.checkpoint import load_for_inference  # noqa: E402
-from competesmoe.train.ckpt_cli import main as ckpt_main  # noqa: E402
+from competesmoe.export.ckpt_cli import main as ckpt_main  # noqa: E402
 from competesmoe.train.trainer import train  # noqa: E402
 from runs import overrides  # noqa: E402
 

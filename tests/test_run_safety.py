@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import torch
 from competesmoe.config import load_config
 from competesmoe.errors import ConfigError
 from competesmoe.train.checkpoint import CheckpointReader, resolve_checkpoint
-from competesmoe.train.ckpt_cli import main as ckpt_main
+from competesmoe.export.ckpt_cli import main as ckpt_main
 from competesmoe.train.cli import main as train_main
 from competesmoe.train.metrics import strict_json
 from competesmoe.train.signals import REQUEUE_EXIT_CODE
@@ -307,7 +306,7 @@ def test_ckpt_export_to_an_existing_file_and_inspect_into_a_closed_pipe(good_run
     err = capsys.readouterr().err
     assert err == f"error: export: {target} exists and is not a directory; name a new or existing directory\n"
     # `competesmoe-ckpt inspect RUN | head -1`: the tool sees its reader go away
-    proc = subprocess.run(f"{sys.executable} -m competesmoe.train.ckpt_cli inspect {good_run / 'run'} | head -1",
+    proc = subprocess.run(f"{sys.executable} -m competesmoe.export.ckpt_cli inspect {good_run / 'run'} | head -1",
                           shell=True, capture_output=True, text=True, timeout=120, executable="/bin/bash")
     assert proc.stdout.startswith("checkpoint: ") and proc.stderr == "", proc.stderr
 

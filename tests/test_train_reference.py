@@ -20,7 +20,7 @@ import torch
 from competesmoe.config import load_config
 from competesmoe.model.config import ROUTERS
 from competesmoe.train.trainer import train
-from reference_train import initial_model, reference_training
+from reference_train import initial_model
 from runs import MULTIPROCESS_ADAM_EPS, assert_follows_reference, overrides
 
 ROOT = Path(__file__).resolve().parent.parent

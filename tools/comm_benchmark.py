@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from competesmoe.config import load_config
-from competesmoe.model.moe.experts import hidden_columns
+from competesmoe.kernels.spec import w1_columns
 from competesmoe.parallel.dispatch import AllToAllDispatcher
 from competesmoe.parallel.exchange import ExchangePolicy, ExchangeShape
 from competesmoe.parallel.mesh import init_mesh
@@ -142,7 +142,7 @@ def measure(cfg, mesh, tokens: int, repeats: int, dtype: torch.dtype) -> dict:
     local = E // mesh.ep
     torch.manual_seed(mesh.rank)
     x = torch.randn(tokens, d, device=mesh.device, dtype=dtype, requires_grad=True)
-    w1 = torch.randn(local, d, hidden_columns(h, moe.activation), device=mesh.device, dtype=dtype, requires_grad=True)
+    w1 = torch.randn(local, d, w1_columns(h, moe.activation), device=mesh.device, dtype=dtype, requires_grad=True)
     w2 = torch.randn(local, h, d, device=mesh.device, dtype=dtype, requires_grad=True)
     indices = torch.stack([torch.randperm(E, device=mesh.device)[:K] for _ in range(tokens)])
 
@@ -201,7 +201,7 @@ def projection(layer: dict, tokens: int, act_itemsize: int, grad_itemsize: int, 
         ep = min(gpus, E)
         bw = (intra_gbs if ep <= gpus_per_node else inter_gbs) * 1e9
         shape = ExchangeShape(tokens=tokens, d_model=layer["d_model"], num_experts=E, top_k=layer["top_k"],
-                              w1_cols=hidden_columns(layer["expert_hidden"], layer["activation"]),
+                              w1_cols=w1_columns(layer["expert_hidden"], layer["activation"]),
                               hidden=layer["expert_hidden"], ep=ep, act_itemsize=act_itemsize,
                               weight_itemsize=act_itemsize, grad_itemsize=grad_itemsize)
         phases = shape.token_phases()
@@ -237,7 +237,7 @@ def projection(layer: dict, tokens: int, act_itemsize: int, grad_itemsize: int, 
 
 def print_projection(name: str, layer: dict, rows: list[dict]) -> None:
     W = layer["num_experts"] * layer["d_model"] * (
-        hidden_columns(layer["expert_hidden"], layer["activation"]) + layer["expert_hidden"])
+        w1_columns(layer["expert_hidden"], layer["activation"]) + layer["expert_hidden"])
     print(f"\n{name}: d={layer['d_model']}, E={layer['num_experts']}, K={layer['top_k']}, "
           f"h={layer['expert_hidden']} ({layer['activation']}), {layer['moe_layers']} MoE layers, "
           f"{W / 1e6:.1f}M expert weights per layer ({rows[0]['gathered_weights_MB']:.1f} MB gathered)")
@@ -276,7 +276,7 @@ def main(argv=None) -> int:
     tokens = args.tokens or (tc.micro_batch or tc.global_batch // mesh.world) * tc.seq_len
     dtype = torch.bfloat16 if mesh.device.type == "cuda" else torch.float32
     measured = measure(cfg, mesh, tokens, args.repeats, dtype)
-    policy = cfg.parallel.exchange_policy()
+    policy = ExchangePolicy.from_config(cfg.parallel)
     comp = cfg.model.moe.competition
     # projections assume bf16 activations and gathered weights, as in GPU training
     projected = {name: projection(layer, tokens, 2, args.grad_bytes, policy, comp.omega, comp.a_max, args.intra_gbs,

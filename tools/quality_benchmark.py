@@ -187,7 +187,7 @@ def planned_flops(cfg) -> tuple[float, float]:
     tc, c = cfg.train, cfg.model.moe.competition
     tokens = tc.global_batch * tc.seq_len
     base = model.flops_per_token(tc.seq_len) * tokens * tc.steps
-    if cfg.model.moe.router != "competesmoe":
+    if not cfg.model.moe.has_competition:
         return base, 0.0
     mode = "schedule" if c.mode == "adaptive" else c.mode
     table = CompetitionSchedule(cfg.seed, len(model.moe_layers), tc.steps, c.omega, c.a_max, c.warmup_fraction,

@@ -87,7 +87,7 @@ def competition_probe(model: nn.Module, batches: Sequence[Tensor]) -> Optional[d
     """Per MoE layer, token-weighted means over the batches of the agreement and s statistics of a
     competition step in every layer (training-mode forward without gradients); None when the router
     has no competition step."""
-    if model.cfg.moe.router != "competesmoe":
+    if not model.cfg.moe.has_competition:
         return None
     device = next(model.parameters()).device
     n_layers = len(model.moe_layers)

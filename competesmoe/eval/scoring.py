@@ -19,8 +19,6 @@ Conventions (shared with EleutherAI's lm-eval harness, except where noted):
 from __future__ import annotations
 
 import contextlib
-import sys
-import time
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
@@ -28,6 +26,7 @@ import torch
 from torch import nn
 
 from competesmoe.eval.distributed import LOCAL, Group, merge, shard
+from competesmoe.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -86,35 +85,6 @@ def windows_of(ids: Sequence[int], first: int, seq_len: int) -> Iterator[tuple[l
         yield list(ids[lo:stop - 1]), list(ids[start:stop])
 
 
-class Progress:
-    """A tqdm bar on a terminal, else a log line about every 10% and at most every 30 s."""
-
-    def __init__(self, total: int, what: str, enabled: bool = True):
-        self.total, self.what, self.enabled = max(total, 1), what, enabled
-        self.done, self.next_percent, self.last_log = 0, 10, time.monotonic()
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=what, leave=False, dynamic_ncols=True)
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-            return
-        percent = 100 * self.done // self.total
-        if self.enabled and percent >= self.next_percent and (
-                percent == 100 or time.monotonic() - self.last_log > 30):
-            print(f"eval: {self.what} {percent}% ({self.done}/{self.total})", flush=True)
-            self.last_log = time.monotonic()
-            self.next_percent = percent // 10 * 10 + 10
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 class Scorer:
     """Scores requests with a model in eval mode, split over the ranks of `group`."""
 
@@ -170,7 +140,8 @@ class Scorer:
         """(sum of target log-probs, all targets greedy) of each window, in batches."""
         was_training = self.model.training
         self.model.eval()
-        progress = Progress(len(windows), what, enabled=self.group.is_main)
+        progress = Progress(len(windows), f"eval: {what}", unit="window", enabled=self.group.is_main,
+                            log=lambda line: print(line, flush=True), min_interval_s=30)
         out: list[tuple[float, bool]] = []
         try:
             for start in range(0, len(windows), self.batch_size):

@@ -1,1 +1,2 @@
-"""Handing a trained model to other tools: Hugging Face transformers export (hf), its tokenizer (hf_tokenizer)."""
+"""Handing a trained model to other tools: `competesmoe-ckpt` (ckpt_cli: inspect, verify, export),
+the Hugging Face transformers export (hf) and its tokenizer (hf_tokenizer)."""

@@ -144,6 +144,12 @@ class MoEConfig:
         self.competition.validate(f"{path}.competition")
 
     @property
+    def has_competition(self) -> bool:
+        """The one rule of which routers compete: CompeteSMoE's. The schedule of any other router
+        never competes (model/moe/schedule.py: schedule_for), and its layers refuse to."""
+        return self.router == "competesmoe"
+
+    @property
     def routing_dim(self) -> int:
         return self.xmoe_dim if self.xmoe_dim is not None else max(1, self.num_experts // 2)
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from competesmoe.errors import ConfigError
-from competesmoe.parallel.exchange import EXCHANGES, ExchangePolicy
+
+# parallel.competition_exchange (what each means, and auto's rule: parallel/exchange.py)
+EXCHANGES = ("auto", "tokens", "weights")
 
 
 @dataclass
@@ -36,9 +38,6 @@ class ParallelConfig:
                               f"got '{self.competition_exchange}'")
         if self.competition_weights_max_mb < 0:
             raise ConfigError(f"{path}.competition_weights_max_mb must be >= 0, got {self.competition_weights_max_mb}")
-
-    def exchange_policy(self) -> ExchangePolicy:
-        return ExchangePolicy(self.competition_exchange, self.competition_weights_max_mb)
 
 
 def check_layout(world: int, ep: int, num_experts: int) -> None:

@@ -40,7 +40,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-EXCHANGES = ("auto", "tokens", "weights")
+from competesmoe.parallel.config import ParallelConfig
+
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,10 @@ class ExchangePolicy:
 
     mode: str = "auto"
     max_gathered_mb: float = 2048.0
+
+    @classmethod
+    def from_config(cls, cfg: ParallelConfig) -> "ExchangePolicy":
+        return cls(cfg.competition_exchange, cfg.competition_weights_max_mb)
 
     def choose(self, shape: ExchangeShape) -> str:
         if self.mode != "auto":

@@ -11,12 +11,13 @@ from torch import nn
 
 from competesmoe.parallel.config import ParallelConfig
 from competesmoe.parallel.dispatch import AllToAllDispatcher
+from competesmoe.parallel.exchange import ExchangePolicy
 from competesmoe.parallel.mesh import Mesh
 
 
 def parallelize(model: nn.Module, mesh: Mesh, parallel: ParallelConfig = ParallelConfig()) -> nn.Module:
     if mesh.ep > 1:
-        policy = parallel.exchange_policy()
+        policy = ExchangePolicy.from_config(parallel)
         for layer in model.moe_layers:
             ids = mesh.local_experts(layer.num_experts)
             layer.experts.shard(ids.start, ids.stop)

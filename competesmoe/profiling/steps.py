@@ -23,7 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from competesmoe.config import Config
-from competesmoe.model.moe.schedule import CompetitionSchedule
+from competesmoe.model.moe.schedule import schedule_for
 from competesmoe.model.transformer import Transformer
 from competesmoe.parallel.mesh import Mesh
 from competesmoe.train.engine import TorchEngine
@@ -54,10 +54,8 @@ def profile_variant(cfg: Config, name: str, device: torch.device, warmup: int, s
     engine = TorchEngine(model, cfg.train, Mesh(world=1, rank=0, ep=1, device=device))
     engine.set_lr(cfg.train.lr)
     n_moe = len(model.moe_layers)
-    c = cfg.model.moe.competition
     total = warmup + steps
-    sched = CompetitionSchedule(cfg.seed, n_moe, total, c.omega, c.a_max, c.warmup_fraction,
-                                "never" if name == "smoe" else c.mode)
+    sched = schedule_for(cfg.model.moe, cfg.seed, n_moe, total)
     batch = cfg.train.micro_batch or cfg.train.global_batch
     tokens = torch.randint(0, cfg.model.vocab_size, (batch, cfg.train.seq_len + 1), device=device)
     use_bf16 = device.type == "cuda" and cfg.train.precision != "fp32"

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -25,6 +24,7 @@ import torch.distributed as dist
 
 from competesmoe.model.moe.layer import MoEStats
 from competesmoe.parallel.mesh import Mesh
+from competesmoe.progress import Progress
 from competesmoe.train.config import RunConfig
 
 # Dense bf16 matmul peaks (FLOP/s) for MFU; devices not listed report no MFU.
@@ -192,17 +192,17 @@ def truncate_after(path: Path, step: int) -> None:
 
 
 class MetricsWriter:
+    """Appends records to metrics.jsonl, shows their summaries (train/progress display) and logs
+    them to wandb when configured. Used on the first rank only."""
+
     def __init__(self, run_dir: Path, cfg: RunConfig, total_steps: int, start_step: int,
                  config: Optional[dict] = None):
         self.path = run_dir / "metrics.jsonl"
         truncate_after(self.path, start_step)
         self.file = open(self.path, "a", buffering=1)
-        use_bar = cfg.progress == "bar" or (cfg.progress == "auto" and sys.stderr.isatty())
-        self.bar = None
-        if use_bar:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        bar = {"bar": True, "log": False, "auto": None}[cfg.progress]
+        self.display = Progress(total_steps, "train", unit="step", initial=start_step, bar=bar,
+                                percent_lines=False, log=lambda line: print(line, flush=True))
         self.wandb = None
         if cfg.wandb_project:
             import wandb
@@ -211,30 +211,24 @@ class MetricsWriter:
                                     config=config, resume="allow", name=run_dir.name)
 
     def write(self, record: dict, summary: str) -> None:
+        """A record; its summary is the bar's status (a line of its own for validation records,
+        and for every record when there is no bar)."""
         self.file.write(strict_json(record) + "\n")
         if self.wandb is not None:
             flat = {k: v for k, v in record.items() if isinstance(v, (int, float))}
             self.wandb.log(flat, step=record["step"])
-        if self.bar is not None:
-            self.bar.set_postfix_str(summary, refresh=False)
-            if "val_loss" in record:
-                self.bar.write(summary)
-        else:
-            print(summary, flush=True)
+        self.display.status(summary)
+        if "val_loss" in record or not self.display.has_bar:
+            self.display.write(summary)
 
     def advance(self, steps: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.update(steps)
+        self.display.update(steps)
 
     def message(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.write(text)
-        else:
-            print(text, flush=True)
+        self.display.write(text)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.display.close()
         if self.wandb is not None:
             self.wandb.finish()
         self.file.close()

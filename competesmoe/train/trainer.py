@@ -30,7 +30,7 @@ from competesmoe.data.loader import TrainLoader, val_batches
 from competesmoe.data.prepare import PreparedData, load_prepared, prepare_data
 from competesmoe.errors import CheckpointError, CompeteSMoEError, ConfigError, DataError, DivergenceError
 from competesmoe.model.moe.experts import check_backend
-from competesmoe.model.moe.schedule import Schedule, build_competition_schedule
+from competesmoe.model.moe.schedule import Schedule, schedule_for
 from competesmoe.model.transformer import Transformer
 from competesmoe.parallel.config import micro_batches
 from competesmoe.parallel.mesh import Mesh, init_mesh
@@ -113,7 +113,7 @@ def setup(cfg: Config) -> _Run:
         cfg=cfg, mesh=mesh, run_dir=run_dir, data=data, model=model,
         engine=build_engine(model, cfg, mesh, n_micro),
         loader=TrainLoader(data.train_tokens(), tc.seq_len, tc.global_batch, cfg.seed, mesh.rank, mesh.world),
-        schedule=_schedule(cfg, len(model.moe_layers)),
+        schedule=schedule_for(cfg.model.moe, cfg.seed, len(model.moe_layers), tc.steps),
         checkpointer=checkpointer, window=LogWindow(len(model.moe_layers), mesh.device),
         micro_batches=n_micro, autocast=_autocast(cfg, mesh.device), log=log)
     if resume is not None:
@@ -153,7 +153,7 @@ def _steps(run: _Run, stop: StopRequest, metrics: Optional[MetricsWriter]) -> bo
     flops_per_token, peak = run.model.flops_per_token(tc.seq_len), peak_flops(mesh.device)
     run.model.train()
     if run.step == 0:  # where a fresh run starts from
-        _validate(run, metrics)
+        _log_validation_loss(run, metrics)
     while run.step < tc.steps:
         lr = lr_at(run.step, tc)
         run.engine.set_lr(lr)
@@ -187,7 +187,7 @@ def _steps(run: _Run, stop: StopRequest, metrics: Optional[MetricsWriter]) -> bo
                                    f"train.max_skipped_steps={tc.max_skipped_steps}); the update was not applied")
 
         if run.step % tc.eval_every == 0 or run.step == tc.steps:
-            _validate(run, metrics)
+            _log_validation_loss(run, metrics)
         stopped = stop.agreed(mesh.device, mesh.distributed)
         if stopped or ((run.step % tc.ckpt_every == 0 or run.step == tc.steps) and _checkpoint_due(run)):
             _save(run, metrics)
@@ -237,7 +237,7 @@ def _save(run: _Run, metrics: Optional[MetricsWriter]) -> None:
         metrics.message(f"checkpoint: {path}")
 
 
-def _validate(run: _Run, metrics: Optional[MetricsWriter]) -> None:
+def _log_validation_loss(run: _Run, metrics: Optional[MetricsWriter]) -> None:
     run.val_loss = validation_loss(run.model, run.data.val_tokens(), run.cfg, run.mesh, run.autocast)
     if metrics:
         finite = math.isfinite(run.val_loss)
@@ -329,8 +329,4 @@ def _prepare_data_once(cfg: Config, mesh: Mesh, log) -> PreparedData:
     return prepared if first_on_node else load_prepared(Path(node_leader))
 
 
-def _schedule(cfg: Config, n_moe_layers: int) -> Schedule:
-    moe = cfg.model.moe
-    mode = moe.competition.mode if moe.router == "competesmoe" else "never"
-    return build_competition_schedule(cfg.seed, n_moe_layers, cfg.train.steps, moe.competition, mode,
-                                      chance=moe.top_k / moe.num_experts)
+

@@ -88,7 +88,7 @@ class MoELayer(nn.Module):
         num_seqs = shape[0] if x.dim() == 3 else 1
         tokens = x.reshape(-1, shape[-1])
         backend = self.backend(x.device)
-        if compete and self.cfg.router != "competesmoe":
+        if compete and not self.cfg.has_competition:
             raise ValueError(f"router '{self.cfg.router}' has no competition step")
         competing = compete and self.training
         dispatcher, w1, w2 = self.dispatcher, self.experts.w1, self.experts.w2

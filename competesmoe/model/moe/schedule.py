@@ -43,7 +43,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from competesmoe.errors import CheckpointError
-from competesmoe.model.config import CompetitionConfig
+from competesmoe.model.config import CompetitionConfig, MoEConfig
 
 # Mixed into the seed so the schedule's stream differs from other users of the run seed.
 _STREAM = 0x5C4ED
@@ -242,6 +242,14 @@ class AdaptiveSchedule:
 
 
 Schedule = Union[CompetitionSchedule, AdaptiveSchedule]
+
+
+def schedule_for(moe: MoEConfig, seed: int, n_layers: int, total_steps: int) -> Schedule:
+    """The competition schedule of a run: competition.mode for a router that competes
+    (MoEConfig.has_competition), never for the others."""
+    mode = moe.competition.mode if moe.has_competition else "never"
+    return build_competition_schedule(seed, n_layers, total_steps, moe.competition, mode,
+                                      chance=moe.top_k / moe.num_experts)
 
 
 def build_competition_schedule(seed: int, n_layers: int, total_steps: int, cfg: CompetitionConfig,
