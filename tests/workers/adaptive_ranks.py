@@ -27,8 +27,11 @@ def recorded(out, compete, mesh):
     return reduced
 
 
-trainer.reduced_agreement = recorded
-code = main(sys.argv[2:])
-out_dir.mkdir(parents=True, exist_ok=True)
-(out_dir / f"rank{rank}.json").write_text(json.dumps(steps))
-sys.exit(code)
+# Under `if __name__ == "__main__"`: data preparation spawns worker processes, which import
+# this file again and must not train.
+if __name__ == "__main__":
+    trainer.reduced_agreement = recorded
+    code = main(sys.argv[2:])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(steps))
+    sys.exit(code)
