@@ -27,9 +27,9 @@ setup(
         # transformers and lm-eval (with accelerate, which its `hf` model needs) test the Hugging
         # Face export: loading it, generate(), and an lm-eval round trip. The exported modeling
         # code follows transformers 5's generation API (tested with 5.24). psutil:
-        # tools/scale_benchmark.py samples the memory of a process tree.
+        # tools/scale_benchmark.py samples the memory of a process tree. ruff: the lint (ruff.toml).
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=5.24,<6", "lm-eval>=0.4.13,<0.5",
-                "accelerate>=1.0", "psutil>=5.9"],
+                "accelerate>=1.0", "psutil>=5.9", "ruff>=0.8"],
         "hf": ["transformers>=5.24,<6"],
         "lmeval": ["lm-eval>=0.4"],
     },

@@ -4,6 +4,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Every training subprocess of the suite runs with OMP_NUM_THREADS=1; tests compare such runs bitwise
+# with runs in this process, and a CPU reduction's rounding depends on how many threads split it.
+torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"
 
 # tests import the plain reference implementations as `import reference`
 sys.path.insert(0, os.path.dirname(__file__))
