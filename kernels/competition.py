@@ -237,7 +237,9 @@ def scores_forward(x: Tensor, w1: Tensor, w2: Tensor, activation: str, s: Tensor
     programs = persistent_programs(x.device)
     slot_rows = SCORES_FWD.largest("BLOCK_T", x.dtype)
     slots = _new_scratch(programs, slot_rows, hidden, x)
-    grid = lambda meta: (min(programs, triton.cdiv(num_tokens, meta["BLOCK_T"]) * num_experts),)
+    def grid(meta):
+        return (min(programs, triton.cdiv(num_tokens, meta["BLOCK_T"]) * num_experts),)
+
     _scores_fwd_kernel[grid](x, w1, w2, s, slots, num_tokens, d, hidden, num_experts, slot_rows,
                              ACT=activation, DOT_PRECISION=dot_precision(x.dtype))
 
@@ -254,7 +256,9 @@ def scores_backward(ds: Tensor, x: Tensor, w1: Tensor, w2: Tensor, activation: s
     cols = w1.shape[-1]
     pre, dpre = _new_scratch(programs, slot_rows, cols, x), _new_scratch(programs, slot_rows, cols, x)
     dout = _new_scratch(programs, slot_rows, d, x)
-    grid = lambda meta: (min(programs, triton.cdiv(num_tokens, meta["BLOCK_T"]) * num_experts),)
+    def grid(meta):
+        return (min(programs, triton.cdiv(num_tokens, meta["BLOCK_T"]) * num_experts),)
+
     _scores_bwd_kernel[grid](x, w1, w2, ds, dx, dw1, dw2, pre, dout, dpre, num_tokens, d, hidden, num_experts,
                              slot_rows, ACT=activation, DOT_PRECISION=dot_precision(x.dtype))
 

@@ -129,8 +129,10 @@ def _launch_rows(a: Tensor, b: Tensor, offsets: Tensor, out: Tensor, a_act: str 
     """out = A' @ B[e] per row group; `b` is [E, K, N] with any strides (pass transposed views)."""
     num_experts, k, n = b.shape
     programs = persistent_programs(a.device)
-    grid = lambda meta: (min(programs, (triton.cdiv(a.shape[0], meta["BLOCK_M"]) + num_experts)
-                             * triton.cdiv(n, meta["BLOCK_N"])),)
+    def grid(meta):
+        return (min(programs, (triton.cdiv(a.shape[0], meta["BLOCK_M"]) + num_experts)
+                    * triton.cdiv(n, meta["BLOCK_N"])),)
+
     # `pre` is only read under OUT_DACT; any pointer of the right dtype fills the slot otherwise.
     _grouped_rows_kernel[grid](
         a, b, out, out if pre is None else pre, offsets, num_experts, k, n,
@@ -143,8 +145,9 @@ def _launch_wgrad(a: Tensor, b: Tensor, offsets: Tensor, out: Tensor, a_act: str
     """out[e] = A'[rows of e]^T @ b[rows of e] into a contiguous [E, M, N]."""
     num_experts, m, n = out.shape
     programs = persistent_programs(a.device)
-    grid = lambda meta: (min(programs, num_experts * triton.cdiv(m, meta["BLOCK_M"])
-                             * triton.cdiv(n, meta["BLOCK_N"])),)
+    def grid(meta):
+        return (min(programs, num_experts * triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
+
     _grouped_wgrad_kernel[grid](a, b, out, offsets, num_experts, m, n, a.stride(0), b.stride(0),
                                 A_ACT=a_act, DOT_PRECISION=dot_precision(a.dtype))
 

@@ -8,15 +8,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from runs import (
+    MULTIPROCESS_ADAM_EPS,
+    assert_follows_reference,
+    assert_same_weights,
+    final_weights,
+    overrides,
+    train_losses,
+)
 from safetensors.torch import load_file
 
 from competesmoe.config import load_config
 from competesmoe.errors import CheckpointError
-from competesmoe.train.checkpoint import CheckpointReader, load_for_inference, resolve_checkpoint
 from competesmoe.export.ckpt_cli import main as ckpt_main
+from competesmoe.train.checkpoint import CheckpointReader, load_for_inference, resolve_checkpoint
 from competesmoe.train.trainer import train
-from runs import (MULTIPROCESS_ADAM_EPS, assert_follows_reference, assert_same_weights, final_weights, overrides,
-                  train_losses)
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -84,11 +90,13 @@ def test_checkpoint_of_another_model_names_the_tensor(trained, corpus):
     run_dir, cache = trained
     wider = overrides(corpus, run_dir, cache, **{"train.steps": 8, "model.d_model": 48,
                                                   "run.allow_changes": "[model.d_model]"})
-    with pytest.raises(CheckpointError, match=r"'model/embed.weight' has shape \(512, 32\), the model expects \(512, 48\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"'model/embed.weight' has shape \(512, 32\), the model expects \(512, 48\)"):
         train(load_config(SMOKE, wider))
     xmoe = overrides(corpus, run_dir, cache, **{"train.steps": 8, "model.moe.router": "xmoe",
                                                  "run.allow_changes": "[model.moe]"})
-    with pytest.raises(CheckpointError, match=r"lacks, e.g. 'blocks.0.ffn.router.weight' \(a checkpoint of a different model"):
+    with pytest.raises(CheckpointError,
+                       match=r"lacks, e.g. 'blocks.0.ffn.router.weight' \(a checkpoint of a different model"):
         train(load_config(SMOKE, xmoe))
 
 

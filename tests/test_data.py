@@ -551,7 +551,8 @@ def test_bad_utf8_deep_in_a_streamed_file_names_its_offset(tmp_path, monkeypatch
 
 def test_tokenizer_sample_from_pieces_equals_the_sample_from_documents(monkeypatch):
     rng = random.Random(2)
-    docs = ["\n".join(_sentence(rng) * rng.choice([1, 1, 1, 300]) for _ in range(rng.randint(1, 40))) for _ in range(60)]
+    docs = ["\n".join(_sentence(rng) * rng.choice([1, 1, 1, 300]) for _ in range(rng.randint(1, 40)))
+            for _ in range(60)]
     monkeypatch.setattr(corpus_module, "PIECE_CHARS", 2 * 4096)
     pieces = [p for doc in docs for p, _ in corpus_module._document_pieces([doc])]
     assert len(pieces) > len(docs) and any(len(p) == 2 * 4096 and "\n" not in p for p in pieces)

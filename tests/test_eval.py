@@ -24,7 +24,8 @@ from competesmoe.eval.cli import main as eval_main
 from competesmoe.eval.distributed import Group, merge, shard
 from competesmoe.eval.lm_eval_adapter import adapter_class
 from competesmoe.eval.perplexity import validation_perplexity, validation_requests
-from competesmoe.eval.plots import main as plot_main, plot_competition, plot_expert_load
+from competesmoe.eval.plots import main as plot_main
+from competesmoe.eval.plots import plot_competition, plot_expert_load
 from competesmoe.eval.routing import change_rate, load_fractions, recorded_routing
 from competesmoe.eval.scoring import Scorer, split_pair, windows_of
 from competesmoe.train.checkpoint import load_for_inference
@@ -209,7 +210,8 @@ def write_olmo_task(root: Path, task: str, variant: str, docs: list[tuple[list[t
         for doc_id, (pairs, label) in enumerate(docs):
             for idx, (context, continuation) in reversed(list(enumerate(pairs))):  # idx order is restored
                 lines.append({"request_type": "loglikelihood", "doc_id": doc_id + offset, "idx": idx, "label": label,
-                              "request": {"context": context if not offset else "Answer:", "continuation": continuation}})
+                              "request": {"context": context if not offset else "Answer:",
+                                          "continuation": continuation}})
     path = root / task / variant / "requests.jsonl.gz"
     path.parent.mkdir(parents=True)
     with gzip.open(path, "wt") as f:
@@ -333,7 +335,8 @@ def test_real_olmo_files_read_as_choices(task, n_choices):
 # -- perplexity and the command line -----------------------------------------------------------
 def test_validation_loss_matches_the_trainers(run_dir, trained):
     cfg = trained.cfg
-    last_val = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if "val_loss" in l][-1]
+    last_val = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                if "val_loss" in line][-1]
     windows = cfg.train.eval_batches * cfg.train.global_batch  # what the trainer validated on
     requests = validation_requests(cfg, trained.tokenizer.sha256, windows, log=lambda *a: None)
     got = validation_perplexity(scorer_for(trained, 5), requests)
@@ -357,7 +360,7 @@ def test_cli_reports_results_and_missing_tasks(run_dir, tmp_path, capsys):
     assert results["blimp"]["n"] == 4
     assert results["cbt_cn"]["status"] == "missing" and "--cbt-dir" in results["cbt_cn"]["hint"]
     assert results[f"text:{text}"]["bits_per_byte"] > 0
-    table_line = next(l for l in printed.splitlines() if l.startswith("cbt_cn"))
+    table_line = next(line for line in printed.splitlines() if line.startswith("cbt_cn"))
     assert "missing" in table_line and "--cbt-dir" in table_line
 
 
@@ -388,7 +391,8 @@ def test_hooks_record_the_routing_the_layer_uses(trained):
     num_experts = trained.cfg.model.moe.num_experts
     assert [len(r) for r in records] == [1, 1]
     for stats, (indices,) in zip(out.moe_stats, records):  # the layer's own count of its routing
-        assert indices.shape == (16, 2) and torch.equal(stats.load, torch.bincount(indices.reshape(-1), minlength=num_experts))
+        assert indices.shape == (16, 2)
+        assert torch.equal(stats.load, torch.bincount(indices.reshape(-1), minlength=num_experts))
     assert not any(layer.router._forward_hooks for layer in trained.model.moe_layers)
 
 
@@ -467,7 +471,8 @@ def test_data_parallel_scoring_equals_one_process(trained, world):
 @pytest.mark.multiproc
 def test_torchrun_two_ranks_match_one(run_dir, tmp_path):
     write_blimp(tmp_path / "blimp", BLIMP)
-    args = [str(run_dir), "--tasks", "val,blimp", "--limit", "5", "--blimp-dir", str(tmp_path / "blimp"), "--device", "cpu"]
+    args = [str(run_dir), "--tasks", "val,blimp", "--limit", "5", "--blimp-dir", str(tmp_path / "blimp"),
+            "--device", "cpu"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "competesmoe.eval.cli", *args, "--out", str(tmp_path / "two.json")],
@@ -519,12 +524,13 @@ def test_adapter_class_needs_lm_eval_only_when_used():
 
     if importlib.util.find_spec("lm_eval") is None:
         with pytest.raises(ImportError, match="pip install"):
-            adapter.CompeteSMoELM
+            _ = adapter.CompeteSMoELM
     with pytest.raises(AttributeError):
-        adapter.NoSuchThing
+        _ = adapter.NoSuchThing
 
 
-@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-eval is not installed (optional extra lmeval)")
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
+                    reason="lm-eval is not installed (optional extra lmeval)")
 def test_adapter_with_lm_eval(run_dir, trained):
     from lm_eval.api.instance import Instance
     from lm_eval.api.model import LM

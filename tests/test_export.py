@@ -17,20 +17,20 @@ import pytest
 import torch
 
 pytest.importorskip("transformers", reason="transformers is in the dev extra: pip install -e '.[dev]'")
+from runs import overrides  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from competesmoe.config import load_config  # noqa: E402
 from competesmoe.data.tokenizer import Tokenizer, sample_training_lines, train_tokenizer  # noqa: E402
 from competesmoe.eval.cli import main as eval_main  # noqa: E402
 from competesmoe.eval.tasks import Sources, olmo_choices, olmo_last_word, olmo_tasks_root  # noqa: E402
+from competesmoe.export.ckpt_cli import main as ckpt_main  # noqa: E402
 from competesmoe.export.hf import save_hf  # noqa: E402
 from competesmoe.model.config import ROUTERS, ModelConfig, MoEConfig  # noqa: E402
 from competesmoe.model.generate import generate  # noqa: E402
 from competesmoe.model.transformer import Transformer  # noqa: E402
 from competesmoe.train.checkpoint import load_for_inference  # noqa: E402
-from competesmoe.export.ckpt_cli import main as ckpt_main  # noqa: E402
 from competesmoe.train.trainer import train  # noqa: E402
-from runs import overrides  # noqa: E402
 
 SEQ_LEN = 128
 TEXTS = [

@@ -8,9 +8,10 @@ this file as a script and print the errors per case as JSON; the tests assert on
 Every case draws its random inputs from a fixed seed, so a failure replays as it is (set
 COMPETESMOE_KERNEL_TEST_SEED to try others; a failure names the seed). The inputs have ragged
 expert loads: empty experts first, in the middle and last, a group longer than one row tile, and
-row/token counts and widths that are not multiples of the interpreter's 16-wide blocks. Kernel outputs and scratch are poisoned with NaN
-beforehand, so an element a kernel fails to write shows up; the atomically accumulated gradient
-buffers start from random values that are subtracted afterwards.
+row/token counts and widths that are not multiples of the interpreter's 16-wide blocks. Kernel
+outputs and scratch are poisoned with NaN beforehand, so an element a kernel fails to write shows
+up; the atomically accumulated gradient buffers start from random values that are subtracted
+afterwards.
 """
 from __future__ import annotations
 

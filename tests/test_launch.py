@@ -12,12 +12,18 @@ import time
 from pathlib import Path
 
 import pytest
+from runs import (
+    MULTIPROCESS_ADAM_EPS,
+    assert_follows_reference,
+    assert_same_weights,
+    final_weights,
+    overrides,
+    train_losses,
+)
 
 from competesmoe.config import load_config
 from competesmoe.launcher.cli import array_indices, main, read_sweep
 from competesmoe.train.trainer import REQUEUE_EXIT_CODE
-from runs import (MULTIPROCESS_ADAM_EPS, assert_follows_reference, assert_same_weights, final_weights, overrides,
-                  train_losses)
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -261,7 +267,8 @@ def test_torchrun_passes_on_the_requeue_exit_code(worker_code, expected, tmp_pat
 def test_torchrun_launch_stops_on_sigterm_with_a_checkpoint_and_resumes(corpus, tmp_path):
     """`competesmoe-launch torchrun` becomes launch/torchrun.sh, then torchrun with 2 CPU processes."""
     run_dir = tmp_path / "run"
-    args = overrides(corpus, run_dir, tmp_path / "cache", **{"train.steps": 12, "train.adam_eps": MULTIPROCESS_ADAM_EPS})
+    args = overrides(corpus, run_dir, tmp_path / "cache",
+                     **{"train.steps": 12, "train.adam_eps": MULTIPROCESS_ADAM_EPS})
     argv = [sys.executable, "-m", "competesmoe.launcher", "torchrun", str(SMOKE), "--procs-per-node", "2", *args]
     proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=bare_env())
@@ -298,7 +305,8 @@ def slurm() -> int:
     usable = {line.split()[0] for line in sinfo.stdout.splitlines()
               if line.split()[1] in {"idle", "mixed", "allocated", "completing"}}
     if sinfo.returncode != 0 or not usable:
-        pytest.skip(f"no Slurm controller with a usable node answers sinfo ({(sinfo.stderr or sinfo.stdout).strip()!r}); "
+        pytest.skip("no Slurm controller with a usable node answers sinfo "
+                    f"({(sinfo.stderr or sinfo.stdout).strip()!r}); "
                     "as root: bash tests/slurm/start.sh")
     return len(usable)
 
@@ -356,14 +364,16 @@ def logged_steps(run_dir: Path) -> list[int]:
 @pytest.mark.parametrize("nodes,procs", [(1, 2), (2, 1)], ids=["1node-x2", "2nodes-x1"])
 def test_slurm_job_is_requeued_after_preemption_and_resumes(nodes, procs, slurm, smoke_cache, tmp_path):
     if slurm < nodes:
-        pytest.skip(f"needs a Slurm with {nodes} nodes, this one has {slurm} (SLURM_NODES={nodes} bash tests/slurm/start.sh)")
+        pytest.skip(f"needs a Slurm with {nodes} nodes, this one has {slurm} "
+                    f"(SLURM_NODES={nodes} bash tests/slurm/start.sh)")
     run_dir, steps = tmp_path / "run", 20
     args = [f"train.steps={steps}", "train.log_every=1", f"run.dir={run_dir}", f"data.cache_dir={smoke_cache}"]
     # one thread per process, so that the uninterrupted run below sums in the same order
     env = dict(job_env(), OMP_NUM_THREADS="1")
     submit = subprocess.run(
-        [sys.executable, "-m", "competesmoe.launcher", "slurm", str(SMOKE), "--nodes", str(nodes), "--gpus-per-node", "0",
-         "--procs-per-node", str(procs), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        [sys.executable, "-m", "competesmoe.launcher", "slurm", str(SMOKE), "--nodes", str(nodes),
+         "--gpus-per-node", "0", "--procs-per-node", str(procs), *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert submit.returncode == 0, submit.stdout + submit.stderr
     job = submitted_job_id(submit.stdout)
 
@@ -406,7 +416,8 @@ def test_slurm_array_runs_one_sweep_line_per_task(slurm, smoke_cache, tmp_path):
     sweep = tmp_path / "sweep.txt"
     sweep.write_text(f"# one run per seed\nseed=1 run.dir={tmp_path}/seed1\n\nseed=2 run.dir={tmp_path}/seed2\n")
     (tmp_path / "logs").mkdir()
-    env = dict(job_env(), COMPETESMOE_PROCS_PER_NODE="1", COMPETESMOE_SWEEP=str(sweep), COMPETESMOE_PYTHON=sys.executable)
+    env = dict(job_env(), COMPETESMOE_PROCS_PER_NODE="1", COMPETESMOE_SWEEP=str(sweep),
+               COMPETESMOE_PYTHON=sys.executable)
     submit = subprocess.run(
         ["sbatch", "--gpus-per-node=0", "--cpus-per-task=1", "--array=0-1", str(SBATCH_TEMPLATE), str(SMOKE),
          "train.steps=3", f"data.cache_dir={smoke_cache}"], cwd=tmp_path, env=env, capture_output=True, text=True)

@@ -183,8 +183,9 @@ SHIPPED = sorted(p.relative_to(CONFIGS) for p in CONFIGS.rglob("*.yaml"))
 
 
 def test_every_config_is_checked_below():
-    assert {str(p) for p in SHIPPED} == {"reference_lm.yaml", "smoke.yaml", "quality/cpu.yaml", "quality/study_cpu.yaml"} | {
-        f"routers/{r}.yaml" for r in ("competesmoe", "dense", "sharede_v2", "sharede_v3", "sigmoid", "smoe", "xmoe")}
+    routers = ("competesmoe", "dense", "sharede_v2", "sharede_v3", "sigmoid", "smoe", "xmoe")
+    assert {str(p) for p in SHIPPED} == {"reference_lm.yaml", "smoke.yaml", "quality/cpu.yaml",
+                                         "quality/study_cpu.yaml"} | {f"routers/{r}.yaml" for r in routers}
 
 
 @pytest.mark.parametrize("path", SHIPPED)
@@ -201,10 +202,12 @@ def test_every_shipped_config_loads_and_builds(path):
         assert mine == reference
     elif path.name == "cpu.yaml":  # smoke's model and data, 300 steps of 16 x 128 tokens, router per run
         assert mine["model"] == dict(smoke["model"], moe=dict(smoke["model"]["moe"], router="smoe"))
-        assert mine["data"] == smoke["data"] and (cfg.train.steps, cfg.train.global_batch, cfg.train.seq_len) == (300, 16, 128)
+        assert mine["data"] == smoke["data"]
+        assert (cfg.train.steps, cfg.train.global_batch, cfg.train.seq_len) == (300, 16, 128)
     elif path.name == "study_cpu.yaml":  # smoke's model and data, 1500 steps of 16 x 128 tokens, router per run
         assert mine["model"] == dict(smoke["model"], moe=dict(smoke["model"]["moe"], router="smoe"))
-        assert mine["data"] == smoke["data"] and (cfg.train.steps, cfg.train.global_batch, cfg.train.seq_len) == (1500, 16, 128)
+        assert mine["data"] == smoke["data"]
+        assert (cfg.train.steps, cfg.train.global_batch, cfg.train.seq_len) == (1500, 16, 128)
     elif path.name == "reference_lm.yaml":  # method doc, section 5
         m, t = cfg.model, cfg.train
         assert (m.n_layers, m.d_model, m.n_heads, m.attn_head_dim, m.rope_dims, m.moe.num_experts, m.moe.top_k,

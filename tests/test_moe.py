@@ -2,9 +2,9 @@
 import dataclasses
 
 import pytest
+import reference as ref
 import torch
 
-import reference as ref
 from competesmoe.model.config import CompetitionConfig, MoEConfig
 from competesmoe.model.moe.experts import TorchBackend, grouped_matmul
 from competesmoe.model.moe.layer import MoELayer

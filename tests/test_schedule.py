@@ -1,8 +1,19 @@
 """The competition schedule: cap, rate, determinism, resume, warm-up (method doc, section 4)."""
+import functools
+import json
+import random
+
 import numpy as np
 import pytest
 
-from competesmoe.model.moe.schedule import CompetitionSchedule, build_schedule
+from competesmoe.errors import CheckpointError
+from competesmoe.model.config import CompetitionConfig
+from competesmoe.model.moe.schedule import (
+    AdaptiveSchedule,
+    CompetitionSchedule,
+    build_competition_schedule,
+    build_schedule,
+)
 
 
 def reference_schedule(uniforms, omega, a_max, warm):
@@ -11,19 +22,19 @@ def reference_schedule(uniforms, omega, a_max, warm):
     marked = [[False] * steps for _ in range(n_layers)]
 
     def count(t):
-        return sum(marked[l][t] for l in range(n_layers))
+        return sum(marked[layer][t] for layer in range(n_layers))
 
-    for l in range(n_layers):
+    for layer in range(n_layers):
         for t in range(warm, steps):
-            if uniforms[l, t] >= omega or marked[l][t]:
+            if uniforms[layer, t] >= omega or marked[layer][t]:
                 continue
             if count(t) < a_max:
-                marked[l][t] = True
+                marked[layer][t] = True
                 continue
-            candidates = [j for j in range(t - 1, warm - 1, -1) if count(j) < a_max and not marked[l][j]]
-            candidates += [j for j in range(t + 1, steps) if count(j) < a_max and not marked[l][j]]
+            candidates = [j for j in range(t - 1, warm - 1, -1) if count(j) < a_max and not marked[layer][j]]
+            candidates += [j for j in range(t + 1, steps) if count(j) < a_max and not marked[layer][j]]
             if candidates:
-                marked[l][candidates[0]] = True
+                marked[layer][candidates[0]] = True
     return np.array(marked)
 
 
@@ -32,8 +43,8 @@ def test_matches_the_rule_written_out():
     warm = int(warmup * steps)
     rng = np.random.default_rng([0x5C4ED, seed])
     uniforms = np.ones((n_layers, steps))
-    for l in range(n_layers):
-        uniforms[l, warm:] = rng.random(steps - warm)
+    for layer in range(n_layers):
+        uniforms[layer, warm:] = rng.random(steps - warm)
     want = reference_schedule(uniforms, omega, a_max, warm)
     got = build_schedule(seed, n_layers, steps, omega, a_max, warmup)
     assert (got == want).all()
@@ -86,13 +97,6 @@ def test_forced_modes_and_out_of_range_steps():
 
 
 # -- the adaptive budget (mode=adaptive) -----------------------------------------------------------
-import json
-import random
-
-from competesmoe.errors import CheckpointError
-from competesmoe.model.config import CompetitionConfig
-from competesmoe.model.moe.schedule import AdaptiveSchedule, build_competition_schedule
-
 
 class PlainAdaptive:
     """The adaptive rule of the schedule module's docstring, written out step by step."""
@@ -118,16 +122,17 @@ class PlainAdaptive:
         decision = [False] * L
         for _ in range(self.a_max):  # repeatedly take the layer with the most credit >= 1
             best = None
-            for l in range(L):
-                if not decision[l] and credit[l] >= 1 and (best is None or credit[l] > credit[best]):
-                    best = l
+            for layer in range(L):
+                if not decision[layer] and credit[layer] >= 1 and (best is None or credit[layer] > credit[best]):
+                    best = layer
             if best is not None:
                 decision[best] = True
-        for l in range(L):
-            self.credit[l] = min(2.0, credit[l] - decision[l])
-            if decision[l]:
-                x = measure(l)
-                self.agree[l] = x if self.agree[l] is None else (1 - self.ema) * self.agree[l] + self.ema * x
+        for layer in range(L):
+            self.credit[layer] = min(2.0, credit[layer] - decision[layer])
+            if decision[layer]:
+                x = measure(layer)
+                previous = self.agree[layer]
+                self.agree[layer] = x if previous is None else (1 - self.ema) * previous + self.ema * x
         return decision
 
 
@@ -135,14 +140,14 @@ def synthetic_agreement(seed, n_layers):
     """Agreement that differs by layer (worse for low layers), with noise: the same function for
     every schedule it is fed to."""
     rng = random.Random(seed)
-    return lambda t, l: min(1.0, max(0.0, 0.2 + 0.5 * l / max(n_layers - 1, 1) + rng.gauss(0, 0.05)))
+    return lambda t, layer: min(1.0, max(0.0, 0.2 + 0.5 * layer / max(n_layers - 1, 1) + rng.gauss(0, 0.05)))
 
 
 def run_adaptive(schedule, steps, agreement):
     decisions = []
     for t in range(steps):
         c = schedule.competes(t)
-        schedule.update(t, [agreement(t, l) if ci else None for l, ci in enumerate(c)])
+        schedule.update(t, [agreement(t, layer) if ci else None for layer, ci in enumerate(c)])
         decisions.append(c)
     return np.array(decisions).T  # [layers, steps]
 
@@ -156,7 +161,7 @@ def test_adaptive_matches_the_rule_written_out(min_budget):
     plain = PlainAdaptive(phases, omega, a_max, int(warmup * steps), 0.3, 0.2, min_budget, 0.25)
     rng_a, rng_b = synthetic_agreement(0, n_layers), synthetic_agreement(0, n_layers)
     got = run_adaptive(sched, steps, rng_a)
-    want = np.array([plain.step(t, lambda l: rng_b(t, l)) for t in range(steps)]).T
+    want = np.array([plain.step(t, functools.partial(rng_b, t)) for t in range(steps)]).T
     assert (got == want).all()
     assert got.sum(0).max() == a_max  # the cap was reached, and never passed
 
@@ -170,7 +175,7 @@ def test_adaptive_rate_within_the_stated_bound_and_cap():
     rate = table.mean()
     assert omega - 2 / steps <= rate <= omega + 1 / steps
     assert sched.dropped == 0.0
-    # worse routers compete more: the rate falls with the layer's agreement (rising with l here)
+    # worse routers compete more: the rate falls with the layer's agreement (rising with the layer here)
     rates = table.mean(1)
     assert rates[0] > 1.8 * rates[-1] and (np.diff(rates) < 0.002).all()
     assert rates.min() >= 0.25 * omega * 0.9  # the floor keeps every layer measured
@@ -179,7 +184,7 @@ def test_adaptive_rate_within_the_stated_bound_and_cap():
 def test_adaptive_budget_decays_as_agreement_rises():
     n_layers, steps, omega, a_max = 8, 10000, 0.1, 3
     sched = AdaptiveSchedule(2, n_layers, steps, omega, a_max, min_budget=0.5, chance=0.125)
-    high = lambda t, l: 0.9  # noqa: E731  caught up: (0.9 - 0.125) / 0.875 of the way to full agreement
+    high = lambda t, layer: 0.9  # noqa: E731  caught up: (0.9 - 0.125) / 0.875 of the way to full agreement
     table = run_adaptive(sched, steps, high)
     budget = 1 - 0.5 * (0.9 - 0.125) / 0.875
     assert sched.budget() == pytest.approx(budget)
@@ -192,7 +197,7 @@ def test_adaptive_shifts_the_budget_when_a_router_catches_up():
     n_layers, steps, omega = 4, 8000, 0.15
     sched = AdaptiveSchedule(3, n_layers, steps, omega, 2, chance=0.125)
     # layer 0 agrees badly for the first half, then catches up with the others
-    agreement = lambda t, l: (0.2 if t < steps // 2 else 0.8) if l == 0 else 0.8  # noqa: E731
+    agreement = lambda t, layer: (0.2 if t < steps // 2 else 0.8) if layer == 0 else 0.8  # noqa: E731
     table = run_adaptive(sched, steps, agreement)
     first, second = table[0, 500:steps // 2].mean(), table[0, steps // 2 + 500:].mean()
     # misses 0.8 vs 0.2 x 3: layer 0's share is 0.25 / 4 + 0.75 * 0.8 / 1.4 of 4 * omega (~2 omega)
@@ -210,7 +215,7 @@ def test_adaptive_cap_binds_when_the_budget_exceeds_it():
 
 def test_adaptive_warmup_and_order():
     sched = AdaptiveSchedule(0, 4, 1000, 0.3, 4, warmup_fraction=0.25)
-    table = run_adaptive(sched, 1000, lambda t, l: 0.5)
+    table = run_adaptive(sched, 1000, lambda t, layer: 0.5)
     assert not table[:, :250].any() and table[:, 250:].mean() == pytest.approx(0.3, abs=0.01)
     with pytest.raises(RuntimeError):
         sched.competes(5)  # the state is at step 1000: decisions are asked for in order
@@ -224,8 +229,8 @@ def test_adaptive_same_reduced_statistics_same_decisions_and_exact_resume():
     agreement = synthetic_agreement(3, 6)
     values = {}
 
-    def measured(t, l):  # one draw per (step, layer), shared by both
-        return values.setdefault((t, l), agreement(t, l))
+    def measured(t, layer):  # one draw per (step, layer), shared by both
+        return values.setdefault((t, layer), agreement(t, layer))
 
     first_a, first_b = run_adaptive(a, 500, measured), run_adaptive(b, 500, measured)
     assert (first_a == first_b).all()
@@ -235,7 +240,7 @@ def test_adaptive_same_reduced_statistics_same_decisions_and_exact_resume():
     for t in range(500, 1200):
         ca, cr = a.competes(t), resumed.competes(t)
         assert ca == cr, t
-        row = [measured(t, l) if c else None for l, c in enumerate(ca)]
+        row = [measured(t, layer) if c else None for layer, c in enumerate(ca)]
         a.update(t, row)
         resumed.update(t, row)
         rest.append(ca)
@@ -248,7 +253,7 @@ def test_adaptive_same_reduced_statistics_same_decisions_and_exact_resume():
 def test_adaptive_resume_checks():
     kw = dict(seed=1, n_layers=3, total_steps=100, omega=0.2, a_max=1)
     sched = AdaptiveSchedule(**kw)
-    run_adaptive(sched, 40, lambda t, l: 0.5)
+    run_adaptive(sched, 40, lambda t, layer: 0.5)
     state = sched.state_dict()
     with pytest.raises(CheckpointError, match="step 40"):
         AdaptiveSchedule(**kw).load_state_dict(state, 41)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from runs import assert_same_weights, final_weights, overrides, read_metrics, train_losses
 
 from competesmoe.config import load_config
 from competesmoe.train.cli import main as train_main
 from competesmoe.train.trainer import REQUEUE_EXIT_CODE, train
-from runs import assert_same_weights, final_weights, overrides, read_metrics, train_losses
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -122,7 +122,8 @@ def test_step_profiler_reports_competition_cost(tmp_path):
                               "train.global_batch=2"])
     import torch
 
-    rows = profile_training_steps(cfg, torch.device("cpu"), warmup=1, steps=2, trace_dir=tmp_path, out=tmp_path / "r.json")
+    rows = profile_training_steps(cfg, torch.device("cpu"), warmup=1, steps=2, trace_dir=tmp_path,
+                                  out=tmp_path / "r.json")
     by_name = {r["variant"]: r for r in rows}
     assert by_name["smoe"]["competition_flops"] == 0 and by_name["smoe"]["flop_ratio"] == 1.0
     # forced: both layers run all 4 experts on 32 tokens, forward (2*32*8 + 2*8*32 FLOPs each) + 2x backward

@@ -162,7 +162,7 @@ def measure(cfg, mesh, tokens: int, repeats: int, dtype: torch.dtype) -> dict:
             loss().backward()
         out[name] = {
             "fwd_s": _time(loss, repeats, mesh.device),
-            "fwd_bwd_s": _time(lambda: loss().backward(), repeats, mesh.device),
+            "fwd_bwd_s": _time(lambda loss=loss: loss().backward(), repeats, mesh.device),
             "sent_fwd_bytes": sum(forward.values()),
             "sent_bwd_bytes": sum(both.values()) - sum(forward.values()),
             "sent_by_collective": dict(both),
@@ -207,7 +207,7 @@ def projection(layer: dict, tokens: int, act_itemsize: int, grad_itemsize: int, 
         phases = shape.token_phases()
         normal_bytes = 2 * (phases["winner_dispatch"] + phases["winner_combine"])
 
-        def seconds(nbytes, collectives):
+        def seconds(nbytes, collectives, bw=bw, ep=ep):
             # collectives forward + backward, each with messages to ep - 1 peers
             return nbytes / bw + collectives * (ep - 1) * latency_us * 1e-6
 
@@ -283,7 +283,8 @@ def main(argv=None) -> int:
                                   args.inter_gbs, args.latency_us, args.gpus_per_node)
                  for name, layer in layer_shapes(cfg).items()}
     if mesh.is_main:
-        device = torch.cuda.get_device_name() if mesh.device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}), gloo"
+        device = (torch.cuda.get_device_name() if mesh.device.type == "cuda"
+                  else f"CPU ({platform.processor() or platform.machine()}), gloo")
         print(f"measured on {device}: world={mesh.world}, ep={mesh.ep}, {tokens} tokens/rank, d={cfg.model.d_model}, "
               f"E={cfg.model.moe.num_experts}, K={cfg.model.moe.top_k}, h={cfg.model.moe.expert_hidden} "
               f"({cfg.model.moe.activation}), dtype={dtype}")
@@ -291,7 +292,8 @@ def main(argv=None) -> int:
               f"{'total':>7} {'(cost model)':>12}")
         for name in ("normal", "tokens", "weights"):
             r = measured[name]
-            print(f"{name:>8} | {r['fwd_s'] * 1e3:8.2f} {r['fwd_bwd_s'] * 1e3:10.2f} | {r['sent_fwd_bytes'] / 1e6:17.3f} "
+            print(f"{name:>8} | {r['fwd_s'] * 1e3:8.2f} {r['fwd_bwd_s'] * 1e3:10.2f} | "
+                  f"{r['sent_fwd_bytes'] / 1e6:17.3f} "
                   f"{r['sent_bwd_bytes'] / 1e6:7.3f} {(r['sent_fwd_bytes'] + r['sent_bwd_bytes']) / 1e6:7.3f} "
                   f"{measured['model_bytes'][name] / 1e6:12.3f}")
         print(f"\nprojected per rank (bf16 activations and gathered weights, {args.grad_bytes}-byte gradients; "
@@ -299,8 +301,8 @@ def main(argv=None) -> int:
               f"{args.latency_us:.0f} us/message; omega={comp.omega}, A_max={comp.a_max}; auto with "
               f"competition_weights_max_mb={policy.max_gathered_mb:g}). MB/layer: forward + backward; "
               "tokens/weights: a competing layer with that exchange; T*: tokens per GPU above which weights send "
-              "fewer bytes; step ms: all MoE layers, no competition / min(omega x layers, A_max) / A_max layers competing "
-              "with auto's exchange")
+              "fewer bytes; step ms: all MoE layers, no competition / min(omega x layers, A_max) / A_max layers "
+              "competing with auto's exchange")
         for name, rows in projected.items():
             print_projection(name, layer_shapes(cfg)[name], rows)
         if args.out:

@@ -75,7 +75,8 @@ def measure(model: Transformer, vocab: int, prompt_len: int, batch: int, new_tok
     cached = _median_time(lambda: generate(model, rows, new_tokens, eos_id=None), repeats, device)
     row["cached_tokens_per_s"] = total / cached
     if prompt_len + new_tokens <= skip_uncached_over:
-        uncached = _median_time(lambda: generate(model, rows, new_tokens, eos_id=None, use_cache=False), repeats, device)
+        uncached = _median_time(lambda: generate(model, rows, new_tokens, eos_id=None, use_cache=False),
+                                repeats, device)
         row["uncached_tokens_per_s"] = total / uncached
         row["speedup"] = uncached / cached
     row["decode_ms_per_step"] = 1000 * _decode_only(model, prompts.to(device), new_tokens, repeats)
@@ -120,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             r = measure(model, cfg.model.vocab_size, prompt_len, batch, args.new_tokens, args.repeats, device,
                         args.skip_uncached_over)
             rows.append(r)
-            uncached = f"{r['uncached_tokens_per_s']:15.1f} {r['speedup']:7.2f}x" if "speedup" in r else f"{'-':>15} {'-':>8}"
+            uncached = (f"{r['uncached_tokens_per_s']:15.1f} {r['speedup']:7.2f}x" if "speedup" in r
+                        else f"{'-':>15} {'-':>8}")
             print(f"{prompt_len:6d} {batch:5d} {args.new_tokens:4d} {r['cached_tokens_per_s']:13.1f} {uncached} "
                   f"{r['decode_ms_per_step']:15.2f}", flush=True)
     if args.out:

@@ -329,7 +329,8 @@ def train_and_evaluate(run: Run, args, jobs: Jobs) -> dict:
         code = jobs.run([sys.executable, "-m", "competesmoe.eval.cli", *call, "--out", str(path)],
                         run.run_dir / "eval.log")
         if code != 0:
-            return {"status": "stopped" if code == REQUEUE_EXIT_CODE else f"evaluation {path.name} failed (exit {code})"}
+            return {"status": "stopped" if code == REQUEUE_EXIT_CODE
+                    else f"evaluation {path.name} failed (exit {code})"}
         timings[f"eval_{path.stem}_s"] = time.perf_counter() - began
     return {"status": "ok", **timings}
 
@@ -360,7 +361,8 @@ def execute(runs: list[Run], args, jobs: Jobs) -> dict[str, dict]:
             took = ", ".join(f"{k[:-2]} {outcome[k] / 60:.1f} min" for k in worked)
             if outcome["status"] == "ok" and not took:
                 took = "done before"
-            print(f"quality: [{done}/{len(runs)}] {run.name}: {outcome['status']}" + (f" ({took})" if took else "") + "; "
+            print(f"quality: [{done}/{len(runs)}] {run.name}: {outcome['status']}"
+                  + (f" ({took})" if took else "") + "; "
                   f"{elapsed / 60:.1f} min so far, about {left / 60:.0f} min left", flush=True)
             if outcome["status"] not in ("ok", "stopped") and not jobs.stopped:
                 print(f"quality: see {run.run_dir}/train.log and eval.log; stopping", flush=True)
@@ -757,7 +759,8 @@ def build_report(runs: list[Run], args, argv, wall: float, figures: list[str]) -
         "budget": f"{steps} steps x {tc.global_batch} x {tc.seq_len} tokens = "
                   f"{steps * tc.global_batch * tc.seq_len / 1e6:.2f}M tokens (smoe_flops more); d_model "
                   f"{cfg.model.d_model}, {cfg.model.n_layers} layers, {cfg.model.moe.num_experts} experts top-"
-                  f"{cfg.model.moe.top_k} (width {cfg.model.moe.expert_hidden}); omega {cfg.model.moe.competition.omega}, "
+                  f"{cfg.model.moe.top_k} (width {cfg.model.moe.expert_hidden}); "
+                  f"omega {cfg.model.moe.competition.omega}, "
                   f"A_max {cfg.model.moe.competition.a_max}; config {args.config.name}"
                   + (f" with {' '.join(args.set)}" if args.set else ""),
         "model": f"d_model {cfg.model.d_model}, {cfg.model.n_layers} layers, {cfg.model.moe.num_experts} experts "
@@ -849,7 +852,8 @@ def calibrate(args, jobs: Jobs) -> int:
     per_flop = max(comp["step_s"] - smoe["step_s"], 0.0) / max(comp["flops_per_step"] - smoe["flops_per_step"], 1.0)
     print(f"calibration ({steps} steps, {args.jobs} job(s) at once, {args.threads} thread(s) each):")
     for arm, p in per.items():
-        print(f"  {arm:12s} {p['step_s'] * 1e3:7.1f} ms/step, {p['val_s']:5.1f} s per validation, {p['start_s']:5.1f} s "
+        print(f"  {arm:12s} {p['step_s'] * 1e3:7.1f} ms/step, {p['val_s']:5.1f} s per validation, "
+              f"{p['start_s']:5.1f} s "
               f"start-up and checkpoints, {p['eval_s']:6.1f} s evaluation")
 
     def projected(study_steps: int) -> float:

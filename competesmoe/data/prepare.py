@@ -30,8 +30,17 @@ from typing import Callable, Iterator, List, Tuple
 from competesmoe.data.config import DataConfig
 from competesmoe.data.corpus import Corpus
 from competesmoe.data.encode import LabelledPiece, encode_pieces, processes_for
-from competesmoe.data.shards import (FORMAT_VERSION, SPLITS, TOKENIZER_FILE, PreparedData, ShardWriter,
-                                     load_prepared, read_meta, token_dtype, write_meta)
+from competesmoe.data.shards import (
+    FORMAT_VERSION,
+    SPLITS,
+    TOKENIZER_FILE,
+    PreparedData,
+    ShardWriter,
+    load_prepared,
+    read_meta,
+    token_dtype,
+    write_meta,
+)
 from competesmoe.data.split import SplitRule, SplitStats, new_document_hash, score
 from competesmoe.data.tokenizer import Tokenizer, sample_training_lines, tokenizer_settings, train_tokenizer
 from competesmoe.data.workers import resolve_workers

@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -129,12 +130,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     results: dict[str, dict] = {}
     for name in tasks:
         if name == "val":
-            results[name] = _timed(lambda: _validation(scorer, cfg, tokenizer.sha256, args.limit, log))
+            results[name] = _timed(partial(_validation, scorer, cfg, tokenizer.sha256, args.limit, log))
         else:
-            results[name] = _timed(lambda: run_task(TASKS[name], scorer, sources))
+            results[name] = _timed(partial(run_task, TASKS[name], scorer, sources))
         log(f"eval: {name}: {_row_summary(results[name])}")
     for name, text in texts.items():
-        results[name] = _timed(lambda: {"status": "ok", **text_perplexity(scorer, text, name)})
+        results[name] = _timed(lambda text=text, name=name: {"status": "ok", **text_perplexity(scorer, text, name)})
 
     if group.is_main:
         report = {"checkpoint": str(checkpoint), "step": step, "router": cfg.model.moe.router,

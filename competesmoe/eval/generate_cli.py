@@ -93,7 +93,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     start = time.perf_counter()
     new = generate(model, ids, args.max_new_tokens, tokenizer.eos_id, sampling, use_cache=not args.no_cache)
     seconds = time.perf_counter() - start
-    mode = "greedy" if args.temperature == 0 else f"temperature {args.temperature}, top-p {args.top_p}, seed {args.seed}"
+    mode = ("greedy" if args.temperature == 0
+            else f"temperature {args.temperature}, top-p {args.top_p}, seed {args.seed}")
     print(f"generate: {checkpoint} (router {cfg.model.moe.router}) on {device}, {mode}; "
           f"{sum(map(len, new))} new tokens in {seconds:.2f} s")
     for i, (prompt, tokens) in enumerate(zip(prompts, new)):

@@ -42,7 +42,8 @@ class AdapterMethods:
             cfg, model, tokenizer = load_for_inference(Path(path), device)
             seq_len = seq_len or cfg.train.seq_len
         if model is None or tokenizer is None or seq_len is None:
-            raise ValueError("give a checkpoint `path`, or a `model`, its `tokenizer` and the `seq_len` it was trained with")
+            raise ValueError("give a checkpoint `path`, or a `model`, its `tokenizer` "
+                             "and the `seq_len` it was trained with")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_gen_toks = int(max_gen_toks)
         self.scorer = Scorer(model, tokenizer, int(seq_len), int(batch_size))

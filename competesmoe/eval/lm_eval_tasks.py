@@ -66,7 +66,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in names if t not in TASKS]
     if unknown or not names:
-        print(f"error: unknown task(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(TASKS)}", file=sys.stderr)
+        print(f"error: unknown task(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(TASKS)}",
+              file=sys.stderr)
         return 2
     root = olmo_tasks_root()
     if root is None:

@@ -305,7 +305,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--routing", nargs="+", type=Path, default=[],
                         help="routing reports written by `competesmoe-eval routing --out`")
     parser.add_argument("--group", nargs="+", action="append", default=[], metavar=("NAME", "RUN_DIR"),
-                        help="a named group of runs (e.g. one router over seeds), drawn as mean ± std bands; repeatable")
+                        help="a named group of runs (e.g. one router over seeds), drawn as mean ± std bands; "
+                             "repeatable")
     args = parser.parse_args(argv)
     if not args.runs and not args.group:
         parser.error("give run directories, --group NAME RUN_DIR ..., or both")

@@ -180,7 +180,7 @@ def analyze(paths: Sequence[Path], device: str | torch.device = "cpu", windows: 
         loads = [load_fractions(r, cfg.model.moe.num_experts) for r in routing]
         report["checkpoints"].append({
             "step": step, "path": str(path), "load": loads,
-            "load_max_over_mean": [max(l) * len(l) for l in loads],
+            "load_max_over_mean": [max(fractions) * len(fractions) for fractions in loads],
             "competition": competition_probe(model, batches),
         })
         if previous is not None:
@@ -197,7 +197,8 @@ def format_report(report: dict) -> str:
     """The report as a plain-text table: one row per checkpoint and MoE layer."""
     rates = {r["to"]: r for r in report["change_rate"]}
     lines = [f"routing on {report.get('eval_tokens', 0):,} validation tokens",
-             f"{'step':>8} {'layer':>5} {'ECR top1':>9} {'ECR topK':>9} {'agreement':>9} {'s_std':>8} {'load max/mean':>13}"]
+             f"{'step':>8} {'layer':>5} {'ECR top1':>9} {'ECR topK':>9} {'agreement':>9} {'s_std':>8} "
+             f"{'load max/mean':>13}"]
 
     def cell(values: Optional[list], i: int, fmt: str) -> str:
         return "-" if values is None or values[i] is None else format(values[i], fmt)

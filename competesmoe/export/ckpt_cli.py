@@ -69,7 +69,8 @@ def _run(args: argparse.Namespace) -> int:
         _inspect(reader)
     else:
         if args.out.exists() and not args.out.is_dir():
-            raise CompeteSMoEError(f"export: {args.out} exists and is not a directory; name a new or existing directory")
+            raise CompeteSMoEError(f"export: {args.out} exists and is not a directory; "
+                                   "name a new or existing directory")
         if args.format == "consolidated":
             written = export_consolidated(reader, args.out)
             print(f"exported step {reader.trainer['step']} to {', '.join(str(p) for p in written)}")

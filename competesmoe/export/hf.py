@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -92,6 +93,11 @@ def native_architecture(cfg: ModelConfig) -> str:
     return "mixtral"
 
 
+def _layer_tensor(tensors: dict[str, torch.Tensor], layer: int, name: str) -> torch.Tensor:
+    """Our tensor `name` of block `layer`."""
+    return tensors[f"blocks.{layer}.{name}"]
+
+
 def _split_qkv(qkv: torch.Tensor, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     q, k, v = qkv.view(3, cfg.n_heads * cfg.attn_head_dim, cfg.d_model)
     return {"q_proj.weight": q, "k_proj.weight": k, "v_proj.weight": v}
@@ -126,7 +132,7 @@ def native(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> tuple[dict, di
                           num_experts_per_tok=cfg.moe.top_k, router_jitter_noise=0.0, output_router_logits=False)
     out = {theirs: tensors[ours] for ours, theirs in names.items() if ours in tensors}  # no head when tied
     for i in range(cfg.n_layers):
-        ours = lambda name: tensors[f"blocks.{i}.{name}"]  # noqa: E731
+        ours = partial(_layer_tensor, tensors, i)
         if arch == "gpt_neox":
             layer = f"gpt_neox.layers.{i}."
             for a, b in (("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm")):
@@ -136,7 +142,8 @@ def native(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> tuple[dict, di
                 ours("attn.qkv.weight").view(3, h, hd, d).transpose(0, 1).reshape(3 * h * hd, d))
             out[f"{layer}attention.dense.weight"] = ours("attn.out.weight")
             w1, w2 = ours("ffn.w1.weight"), ours("ffn.w2.weight")
-            out[f"{layer}mlp.dense_h_to_4h.weight"], out[f"{layer}mlp.dense_h_to_4h.bias"] = w1, w1.new_zeros(w1.shape[0])
+            out[f"{layer}mlp.dense_h_to_4h.weight"] = w1
+            out[f"{layer}mlp.dense_h_to_4h.bias"] = w1.new_zeros(w1.shape[0])
             out[f"{layer}mlp.dense_4h_to_h.weight"], out[f"{layer}mlp.dense_4h_to_h.bias"] = w2, w2.new_zeros(d)
             continue
         layer = f"model.layers.{i}."

@@ -57,7 +57,7 @@ def bpe_merges(pieces: list[str], mergeable: list[bool]) -> list[tuple[str, str]
     sentencepiece model's pieces are in decreasing score order after the special ones)."""
     ids = {p: i for i, p in enumerate(pieces) if mergeable[i]}
     merges = []
-    for piece, i in sorted(ids.items(), key=lambda item: item[1]):
+    for piece, _ in sorted(ids.items(), key=lambda item: item[1]):
         splits = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in ids and piece[k:] in ids]
         merges += sorted(splits, key=lambda s: (ids[s[0]], ids[s[1]]))
     return merges

@@ -25,7 +25,8 @@ from pathlib import Path
 
 from competesmoe.config import Config, load_config
 from competesmoe.errors import CompeteSMoEError, cli_main
-from competesmoe.parallel.config import check_layout as check_mesh, micro_batches
+from competesmoe.parallel.config import check_layout as check_mesh
+from competesmoe.parallel.config import micro_batches
 
 LAUNCH_DIR = Path(__file__).resolve().parents[2] / "launch"
 _HEREDOC_END = "COMPETESMOE_BATCH_SCRIPT"

@@ -125,9 +125,11 @@ class MoEConfig:
         if self.expert_hidden < 1:
             raise ConfigError(f"{path}.expert_hidden must be >= 1, got {self.expert_hidden}")
         if self.activation not in ACTIVATIONS:
-            raise ConfigError(f"{path}.activation: unknown activation '{self.activation}'; choose one of {', '.join(ACTIVATIONS)}")
+            raise ConfigError(f"{path}.activation: unknown activation '{self.activation}'; "
+                              f"choose one of {', '.join(ACTIVATIONS)}")
         if self.balance_loss not in BALANCE_LOSSES:
-            raise ConfigError(f"{path}.balance_loss must be one of {', '.join(BALANCE_LOSSES)}, got '{self.balance_loss}'")
+            raise ConfigError(f"{path}.balance_loss must be one of {', '.join(BALANCE_LOSSES)}, "
+                              f"got '{self.balance_loss}'")
         if self.balance_coef < 0 or self.z_loss_coef < 0:
             raise ConfigError(f"{path}.balance_coef and {path}.z_loss_coef must be >= 0")
         if self.router_init_std is not None and self.router_init_std <= 0:

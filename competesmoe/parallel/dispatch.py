@@ -30,7 +30,7 @@ reduce_scatter_single run on nccl and, in torch 2.13, on gloo.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -99,10 +99,10 @@ def compute_dtype(x: Tensor, w: Tensor) -> torch.dtype:
 
 
 class AllToAllDispatcher:
-    def __init__(self, num_experts: int, ep: int, ep_rank: int, group, policy: ExchangePolicy = ExchangePolicy()):
+    def __init__(self, num_experts: int, ep: int, ep_rank: int, group, policy: Optional[ExchangePolicy] = None):
         self.num_experts, self.ep, self.ep_rank, self.group = num_experts, ep, ep_rank, group
         self.local = num_experts // ep
-        self.policy = policy
+        self.policy = policy if policy is not None else ExchangePolicy()
 
     def _exchange_counts(self, counts: Tensor) -> Tensor:
         """[E] rows this rank sends per global expert -> [ep, E/ep] rows each source rank sends to

@@ -43,7 +43,6 @@ from dataclasses import dataclass
 from competesmoe.parallel.config import ParallelConfig
 
 
-
 @dataclass(frozen=True)
 class ExchangeShape:
     """What the byte counts of one competing layer depend on."""

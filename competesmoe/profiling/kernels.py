@@ -32,6 +32,7 @@ import torch
 
 from competesmoe.errors import cli_main
 from competesmoe.kernels.spec import ACTIVATIONS, expert_flops_per_token, w1_columns
+
 # grouped_mm_supported tells which torch kernel the baseline's mlp runs, for the table
 from competesmoe.model.moe.experts import TorchBackend, grouped_mm_supported
 
@@ -108,12 +109,15 @@ def run_checks(device: torch.device) -> int:
             offsets = ragged_offsets(shape.tokens, shape.experts, gen, empty=(0, 3, 5)).to(device)
             inputs = _expert_inputs(shape.tokens, shape, activation, dtype, device, gen)
             errors = {}
-            for name, run in (("mlp", lambda b, x, w1, w2: b.mlp(x, offsets, w1, w2, activation)),
-                              ("scores", lambda b, x, w1, w2: b.scores(x, w1, w2, activation))):
+            calls = (
+                ("mlp", lambda b, x, w1, w2, offsets=offsets, activation=activation:
+                    b.mlp(x, offsets, w1, w2, activation)),
+                ("scores", lambda b, x, w1, w2, activation=activation: b.scores(x, w1, w2, activation)),
+            )
+            for name, run in calls:
                 seed = int(torch.randint(0, 2**31, (1,), generator=gen))
-                got = _outputs_and_grads(lambda *t: run(triton_backend, *t), inputs,
-                                         torch.Generator().manual_seed(seed))
-                want = _outputs_and_grads(lambda *t: run(torch_backend, *t), tuple(t.double() for t in inputs),
+                got = _outputs_and_grads(partial(run, triton_backend), inputs, torch.Generator().manual_seed(seed))
+                want = _outputs_and_grads(partial(run, torch_backend), tuple(t.double() for t in inputs),
                                           torch.Generator().manual_seed(seed))
                 for part, g, w in zip(("out", "dx", "dw1", "dw2"), got, want):
                     err = ((g.double() - w).abs().max() / w.abs().max().clamp_min(1e-30)).item()
@@ -206,7 +210,7 @@ def run_benchmarks(device: torch.device, shapes: list[Shape], activations: list[
                 timed = {}
                 for impl, backend in backends.items():
                     try:
-                        ms, mib = _time_and_memory(lambda: run(backend, with_backward))
+                        ms, mib = _time_and_memory(partial(run, backend, with_backward))
                     except torch.cuda.OutOfMemoryError:
                         ms, mib = math.inf, math.inf
                     tflops = factor * flops / (ms * 1e-3) / 1e12

@@ -149,7 +149,8 @@ def run_case(mesh, router: str, compete: bool, starve_rank: bool, exchange: str 
     assert torch.equal(load, stats_ref.load), case
     # the input gradient is per rank: its loss carries the factor `world` the reduction removes
     torch.testing.assert_close(x_local.grad / world, x.grad[share], **TOL)
-    start, end = sharded.layer.experts.first_expert, sharded.layer.experts.first_expert + sharded.layer.experts.num_experts
+    experts = sharded.layer.experts
+    start, end = experts.first_expert, experts.first_expert + experts.num_experts
     ref_grads = dict(full.named_parameters())
     for name, p in sharded.named_parameters():
         want = ref_grads[name].grad
@@ -241,7 +242,8 @@ def check_autocast_dtypes(mesh) -> None:
 def main() -> None:
     ep = int(sys.argv[1])
     mesh = init_mesh(ep, E, "cpu")
-    cases = [(r, False, False, "auto", False) for r in ("smoe", "competesmoe", "sigmoid", "xmoe", "sharede_v2", "sharede_v3")]
+    cases = [(r, False, False, "auto", False)
+             for r in ("smoe", "competesmoe", "sigmoid", "xmoe", "sharede_v2", "sharede_v3")]
     cases += [("smoe", False, True, "auto", False)]
     cases += [("competesmoe", True, starve, exchange, detach)
               for exchange in ("tokens", "weights") for detach in (False, True) for starve in (False, True)]

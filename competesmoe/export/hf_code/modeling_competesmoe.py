@@ -37,7 +37,8 @@ class CompeteSMoEConfig(PretrainedConfig):
                  xmoe_embedding_norm=1.5, max_position_embeddings=2048, tie_word_embeddings=False,
                  initializer_range=0.02, **kwargs):
         self.vocab_size, self.hidden_size = vocab_size, hidden_size
-        self.num_hidden_layers, self.num_attention_heads, self.head_dim = num_hidden_layers, num_attention_heads, head_dim
+        self.num_hidden_layers, self.num_attention_heads = num_hidden_layers, num_attention_heads
+        self.head_dim = head_dim
         self.num_key_value_heads = num_attention_heads
         self.rope_dims, self.rope_theta, self.norm, self.layer_norm_eps = rope_dims, rope_theta, norm, layer_norm_eps
         self.moe_every, self.router, self.num_experts = moe_every, router, num_experts

@@ -26,8 +26,15 @@ from torch import Tensor, nn
 from competesmoe.model.config import MoEConfig
 from competesmoe.model.moe import competition as comp
 from competesmoe.model.moe.dispatch import LocalDispatcher
-from competesmoe.model.moe.experts import (ExpertBackend, Experts, activate, expert_flops_per_token,
-                                          w1_columns, init_std_out, resolve_backend)
+from competesmoe.model.moe.experts import (
+    ExpertBackend,
+    Experts,
+    activate,
+    expert_flops_per_token,
+    init_std_out,
+    resolve_backend,
+    w1_columns,
+)
 from competesmoe.model.moe.losses import router_balance, upcast, z_loss
 from competesmoe.model.moe.routers import Routing, build_router
 
