@@ -7,6 +7,8 @@ from competesmoe.errors import ConfigError
 
 # parallel.competition_exchange (what each means, and auto's rule: parallel/exchange.py)
 EXCHANGES = ("auto", "tokens", "weights")
+# parallel.activation_checkpoint (what each recomputes: parallel/activation.py)
+ACTIVATION_CHECKPOINTS = ("none", "full", "ffn", "attn")
 
 
 @dataclass
@@ -22,6 +24,13 @@ class ParallelConfig:
     # `auto` gathers weights only if one layer's gathered experts (all E, in the dtype they
     # compute in) take at most this many MB on every rank; `weights` always gathers them.
     competition_weights_max_mb: float = 2048.0
+    # Activation checkpointing per transformer block: none, full (keep only the block's input),
+    # ffn (recompute the MoE/FFN sublayer), attn (recompute attention); on blocks 0, k, 2k, ...
+    # for k = activation_checkpoint_every.
+    activation_checkpoint: str = "none"
+    activation_checkpoint_every: int = 1
+    # torch.compile each transformer block (the MoE layer's routing-dependent parts run eagerly).
+    compile: bool = False
 
     def validate(self, path: str = "parallel") -> None:
         if self.ep < 1:
@@ -36,6 +45,12 @@ class ParallelConfig:
         if self.competition_exchange not in EXCHANGES:
             raise ConfigError(f"{path}.competition_exchange must be one of {', '.join(EXCHANGES)}, "
                               f"got '{self.competition_exchange}'")
+        if self.activation_checkpoint not in ACTIVATION_CHECKPOINTS:
+            raise ConfigError(f"{path}.activation_checkpoint must be one of {', '.join(ACTIVATION_CHECKPOINTS)}, "
+                              f"got '{self.activation_checkpoint}'")
+        if self.activation_checkpoint_every < 1:
+            raise ConfigError(f"{path}.activation_checkpoint_every must be >= 1, "
+                              f"got {self.activation_checkpoint_every}")
         if self.competition_weights_max_mb < 0:
             raise ConfigError(f"{path}.competition_weights_max_mb must be >= 0, got {self.competition_weights_max_mb}")
 
