@@ -88,7 +88,7 @@ def test_xmoe_expert_embeddings_start_orthogonal():
 
 
 BUILD_PROBE = textwrap.dedent("""
-    import json, resource, sys
+    import json, sys
     import torch
     from competesmoe.model.build import build_shard
     from competesmoe.model.config import ModelConfig, MoEConfig
@@ -99,9 +99,13 @@ BUILD_PROBE = textwrap.dedent("""
     small = ModelConfig(vocab_size=32, d_model=8, n_layers=1, n_heads=2,
                         moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=4))
     build_shard(small, 0, 2, 1)  # load every code path first: what is measured is the build
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    def status(key):  # VmHWM, not ru_maxrss: a forked child's ru_maxrss starts at its parent's peak
+        line = next(l for l in open("/proc/self/status") if l.startswith(key + ":"))
+        return int(line.split()[1]) * 1024
+    open("/proc/self/clear_refs", "w").write("5")  # the peak restarts from the current RSS
+    before = status("VmRSS")
     model = build_shard(cfg, 0, ep, rank)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = status("VmHWM")
     experts = sum(p.numel() * 4 for n, p in model.named_parameters() if ".experts." in n)
     total = sum(p.numel() * 4 for p in model.parameters())
     print(json.dumps({"growth": peak - before, "experts": experts, "total": total}))
