@@ -108,6 +108,52 @@ def _weights_finite(path: Path) -> bool:
         return False
 
 
+class StreamingSafetensors:
+    """Writes a safetensors file one tensor at a time, so that no more than one tensor is held for
+    it. The header (names, dtypes, shapes, offsets) is written last into space reserved at the start
+    for `entries` names of at most `longest_key` characters, padded with spaces, which the format
+    allows; any safetensors reader reads the file."""
+
+    DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+    def __init__(self, path: Path, entries: int, longest_key: int):
+        self.path, self.header = Path(path), {}
+        # per entry: the quoted key and the dtype, shape (up to 8 dims of 20 digits) and offsets fields
+        self.reserved = 64 + entries * (longest_key + 8 * 21 + 2 * 21 + 64)
+        self.reserved += -self.reserved % 8
+        self.offset = 0
+
+    def __enter__(self) -> "StreamingSafetensors":
+        self.file = open(self.path, "wb")
+        self.file.seek(8 + self.reserved)
+        return self
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        if len(self.header) and key in self.header:
+            raise ValueError(f"tensor {key} written twice")
+        cpu = tensor.to("cpu").contiguous()
+        raw = cpu.reshape(-1).view(torch.uint8).numpy() if cpu.numel() else b""
+        self.file.write(memoryview(raw))
+        size = cpu.numel() * cpu.element_size()
+        self.header[key] = {"dtype": self.DTYPES[cpu.dtype], "shape": list(cpu.shape),
+                            "data_offsets": [self.offset, self.offset + size]}
+        self.offset += size
+
+    def __exit__(self, exc_type, *exc) -> None:
+        try:
+            if exc_type is None:
+                text = json.dumps(self.header, separators=(",", ":")).encode()
+                if len(text) > self.reserved:
+                    raise CheckpointError(f"{self.path}: the safetensors header ({len(text)} bytes) outgrew its "
+                                          f"reserved {self.reserved} bytes")
+                self.file.seek(0)
+                self.file.write(self.reserved.to_bytes(8, "little") + text + b" " * (self.reserved - len(text)))
+        finally:
+            self.file.close()
+
+
 class Checkpointer:
     def __init__(self, root: Path, mesh: Mesh, keep_last: int, keep_every: int = 0):
         self.root, self.mesh, self.keep_last, self.keep_every = Path(root), mesh, keep_last, keep_every
@@ -172,28 +218,34 @@ class Checkpointer:
         mesh.barrier()
 
         rows = expert_rows(model)
-        tensors: dict[str, torch.Tensor] = {}
         index: dict[str, dict] = {}
         file_name = f"rank{mesh.rank:05d}.safetensors"
-
-        def put(kind: str, name: str, tensor: torch.Tensor) -> None:
-            start = rows[name][0] if name in rows else None
-            key = f"{kind}/{name}" + (f"@{start}" if start is not None else "")
-            tensors[key] = tensor.detach().to("cpu").contiguous()
-            index[key] = {"tensor": f"{kind}/{name}", "start": start, "file": file_name}
-
-        for name, tensor in engine.param_tensors().items():
-            if _owned(name, rows, mesh):
-                put("model", name, tensor)
-        for name, state in engine.state_tensors().items():
-            if _owned(name, rows, mesh):
-                for k, v in state.items():
-                    put(f"optim.{k}", name, v)
-        tensors[f"rng/torch@{mesh.rank}"] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            tensors[f"rng/cuda@{mesh.rank}"] = torch.cuda.get_rng_state()
+        shapes = dict(model.named_parameters())
+        owned = [name for name in shapes if _owned(name, rows, mesh)]
         path = tmp / file_name
-        save_file(tensors, str(path))
+        # Streamed tensor by tensor: the engine gathers one parameter's state at a time (a
+        # collective under ZeRO: every rank walks every parameter, keeping only what it owns),
+        # so a save holds one tensor beyond the training state, never the model's optimizer state.
+        with StreamingSafetensors(path, entries=3 * len(owned) + 2, longest_key=max(map(len, owned), default=0) + 32) \
+                as out:
+            def put(kind: str, name: str, tensor: torch.Tensor) -> None:
+                start = rows[name][0] if name in rows else None
+                key = f"{kind}/{name}" + (f"@{start}" if start is not None else "")
+                out.write(key, tensor.detach())
+                index[key] = {"tensor": f"{kind}/{name}", "start": start, "file": file_name}
+
+            for name, tensor in engine.param_tensors():
+                if _owned(name, rows, mesh):
+                    put("model", name, tensor)
+                del tensor
+            for name, state in engine.state_tensors():
+                if _owned(name, rows, mesh):
+                    for k in state:
+                        put(f"optim.{k}", name, state[k])
+                del state  # before the next parameter's moments are gathered
+            out.write(f"rng/torch@{mesh.rank}", torch.get_rng_state())
+            if torch.cuda.is_available():
+                out.write(f"rng/cuda@{mesh.rank}", torch.cuda.get_rng_state())
         with open(path, "rb+") as f:
             os.fsync(f.fileno())
         record = {"file": file_name, "size": path.stat().st_size, "checksum": _checksum(path), "index": index}
