@@ -81,6 +81,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from competesmoe.train.step import train_step
 
     cfg = load_config(None, args.overrides)
+    if cfg.parallel.zero_stage:
+        import deepspeed  # noqa: F401 (its import is not what the step phase measures)
     tc, mc = cfg.train, cfg.model
     mesh = init_mesh(cfg.parallel.ep, mc.moe.num_experts, "cpu")
     n_micro = micro_batches(tc.global_batch, tc.micro_batch, mesh.world)
