@@ -17,9 +17,11 @@ phase) and the memory model's prediction (competesmoe/profiling/memory.py) is pr
 measured number.
 
     python tools/scale_benchmark.py build --sizes s m l --procs 1 2 4
-    python tools/scale_benchmark.py step --sizes s m --procs 1 2 4 --checkpointing none full ffn attn
-    python tools/scale_benchmark.py step --sizes m --procs 1 --batches 4 8 16 --compile both \
-        --out benchmarks/results/scale_step_time_cpu
+    python tools/scale_benchmark.py step --sizes s m --procs 1 2 4
+    python tools/scale_benchmark.py step --sizes m --procs 2 --checkpointing none full ffn attn \
+        --compete-steps 0 --out benchmarks/results/scale_step_ckpt_cpu
+    python tools/scale_benchmark.py step --sizes s --procs 1 --batches 4 8 16 --compile both --steps 3 \
+        --compete-steps 0 --out benchmarks/results/scale_step_time_cpu
     python tools/scale_benchmark.py ckpt --sizes s m l --procs 1 2 4
     python tools/scale_benchmark.py fits
 
@@ -450,8 +452,11 @@ MODEL_NOTES = {
              "memory model's weights of one rank (4 bytes x (dense + experts / EP) parameters).",
     "step": "First step: growth of the peak RSS above the built model during the optimizer's creation and the "
             "first step (gradients + optimizer state + activations); later steps: growth above the RSS before the "
-            "step (activations, and the gradients at ZeRO-0, which are freed between steps). Predicted by the "
-            "memory model (fp32 activations); s/step is the mean of the later steps (rank 0).",
+            "step (activations, and the gradients at ZeRO-0, which are freed between steps; the model adds both, "
+            "while the backward allocates gradients as it frees activations, so this peak is below the sum); "
+            "activations: growth during one micro-batch's forward and loss alone, what autograd keeps for the "
+            "backward, against the model's activation bytes. Predicted by the memory model (fp32 activations); "
+            "s/step is the mean of the later steps (rank 0); the largest figure over the ranks otherwise.",
     "ckpt": "Save: Checkpointer.save of the state after one step (weights and Adam moments; rank 0 writes the dense "
             "tensors, each rank of the first expert-parallel group its experts); MiB/s = MiB written by the rank / "
             "seconds of the whole collective save. Load: Checkpointer.load of the same checkpoint into the model.",
@@ -469,7 +474,8 @@ def model_markdown(report: dict) -> str:
         lines += [head + " build s | peak MiB | predicted MiB | ratio | load |", "|---" * 11 + "|"]
     elif section == "step":
         lines += [head + " s/step | tokens/s | 1st step peak MiB | predicted | ratio | step peak MiB | predicted "
-                  "| ratio | compete s/step | compete peak MiB | predicted | ratio | load |", "|---" * 19 + "|"]
+                  "| ratio | activations MiB | predicted | ratio | compete s/step | compete peak MiB | predicted | ratio "
+                  "| compete activations MiB | predicted | ratio | load |", "|---" * 25 + "|"]
     else:
         lines += [head + " save s | MiB written (r0) | predicted | save MiB/s (r0) | save peak MiB | load s "
                   "| load peak MiB | load |", "|---" * 14 + "|"]
@@ -488,9 +494,13 @@ def model_markdown(report: dict) -> str:
             tps = f"{first['tokens_per_step'] / st['seconds']:.0f}" if st["seconds"] else "-"
             cs = first.get("compete_step") or {}
             p3, q3 = _worst(ranks, "compete_step", "peak_growth_mib"), _worst(ranks, "compete_step", "predicted_mib")
+            a1, b1 = _worst(ranks, "step", "activations_mib"), _worst(ranks, "step", "activations_predicted_mib")
+            a2 = _worst(ranks, "compete_step", "activations_mib")
+            b2 = _worst(ranks, "compete_step", "activations_predicted_mib")
             cells += [f"{st['seconds']}", tps, f"{p1}", f"{q1}", _ratio(p1, q1), f"{p2}", f"{q2}", _ratio(p2, q2),
-                      f"{cs.get('seconds', '-')}", f"{p3 if p3 is not None else '-'}",
-                      f"{q3 if q3 is not None else '-'}", _ratio(p3, q3), load]
+                      f"{a1}", f"{b1}", _ratio(a1, b1), f"{cs.get('seconds', '-')}",
+                      *[f"{v if v is not None else '-'}" for v in (p3, q3)], _ratio(p3, q3),
+                      *[f"{v if v is not None else '-'}" for v in (a2, b2)], _ratio(a2, b2), load]
         else:
             ck = first["ckpt"]
             cells += [f"{ck['save_seconds']}", f"{ck['written_mib']}", f"{ck['predicted_written_mib']}",
@@ -565,9 +575,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         sec = sections.add_parser(name, help=what)
         sec.add_argument("--sizes", nargs="+", default=["s", "m", "l"], choices=list(SIZES))
         sec.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4], help="processes (EP = processes)")
-        sec.add_argument("--batches", type=int, nargs="+", default=[8], help="sequences per rank and step")
+        sec.add_argument("--batches", type=int, nargs="+", default=[4], help="sequences per rank and step")
         sec.add_argument("--zero-stage", type=int, default=0)
-        sec.add_argument("--steps", type=int, default=3 if name == "step" else 1)
+        sec.add_argument("--steps", type=int, default=2 if name == "step" else 1)
         sec.add_argument("--compete-steps", type=int, default=1 if name == "step" else 0)
         sec.add_argument("--override", nargs="*", default=[], help="more run-config overrides (key=value)")
         sec.add_argument("--timeout", type=float, default=1800, help="seconds per torchrun")

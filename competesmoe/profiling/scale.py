@@ -10,7 +10,9 @@ Phases, in order, each measured on its own:
   step   the optimizer (build_engine), then --steps training steps on random tokens (and
          --compete-steps with every MoE layer competing): seconds per step after the first, the
          peak RSS growth of the first step above the built model (gradients, optimizer state,
-         activations) and of a later step above the RSS before it (activations and gradients)
+         activations) and of a later step above the RSS before it (activations and gradients,
+         the latter allocated while the former are freed), and of one micro-batch's forward and
+         loss alone (the activations autograd keeps: what the memory model's activation bytes are)
   ckpt   Checkpointer.save then Checkpointer.load of the same state: seconds, bytes this rank
          wrote, peak RSS growth of each
 Peak RSS is the kernel's high-water mark (VmHWM), reset before each phase (/proc/self/clear_refs),
@@ -118,6 +120,18 @@ def main(argv: Optional[list[str]] = None) -> int:
                 raise RuntimeError("non-finite loss in the benchmark step")
             return time.perf_counter() - start
 
+        def forward_only(compete: bool) -> int:
+            """Peak growth of one micro-batch's forward and loss with autograd recording: the
+            activations it keeps for the backward (the model's activation bytes), then dropped."""
+            from competesmoe.model.transformer import lm_loss
+
+            x = tokens[:micro_tokens // tc.seq_len]
+            with Peak() as fwd:
+                out = model(x[:, :-1], [compete] * n_moe)
+                loss = lm_loss(out.logits, x[:, 1:]) + out.aux_loss
+            del out, loss
+            return fwd.growth
+
         with Peak() as first:
             engine = build_engine(model, cfg, mesh, n_micro)
             engine.set_lr(tc.lr)
@@ -128,6 +142,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 steady["seconds"].append(step(False))
             steady["growth"] = max(steady["growth"], later.growth)
         act = activation_bytes(mc, micro_tokens, checkpointing, False, 4.0, every)
+        forward_growth = forward_only(False)
         grads_opt = predicted_state["gradients"] + predicted_state["optimizer"]
         report["step"] = {
             "first_seconds": round(first_seconds, 3),
@@ -136,7 +151,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             "peak_growth_mib": _mib(steady["growth"]) if steady["seconds"] else None,
             # the gradients are freed between steps (zero_grad(set_to_none)) at ZeRO-0
             "predicted_mib": _mib(act + (predicted_state["gradients"] if cfg.parallel.zero_stage == 0 else 0)),
-            "activations_predicted_mib": _mib(act)}
+            "activations_mib": _mib(forward_growth), "activations_predicted_mib": _mib(act)}
         if args.compete_steps and mc.moe.has_competition:
             times, growth = [], 0
             for _ in range(args.compete_steps):
@@ -144,10 +159,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                     times.append(step(True))
                 growth = max(growth, comp.growth)
             act_c = activation_bytes(mc, micro_tokens, checkpointing, True, 4.0, every)
+            forward_growth = forward_only(True)
             report["compete_step"] = {
                 "seconds": round(sum(times) / len(times), 3), "peak_growth_mib": _mib(growth),
                 "predicted_mib": _mib(act_c + (predicted_state["gradients"] if cfg.parallel.zero_stage == 0 else 0)),
-                "activations_predicted_mib": _mib(act_c)}
+                "activations_mib": _mib(forward_growth), "activations_predicted_mib": _mib(act_c)}
 
     if "ckpt" in args.phases:
         root = args.ckpt_dir or args.out / "ckpt"
