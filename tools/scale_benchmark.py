@@ -474,8 +474,8 @@ def model_markdown(report: dict) -> str:
         lines += [head + " build s | peak MiB | predicted MiB | ratio | load |", "|---" * 11 + "|"]
     elif section == "step":
         lines += [head + " s/step | tokens/s | 1st step peak MiB | predicted | ratio | step peak MiB | predicted "
-                  "| ratio | activations MiB | predicted | ratio | compete s/step | compete peak MiB | predicted | ratio "
-                  "| compete activations MiB | predicted | ratio | load |", "|---" * 25 + "|"]
+                  "| ratio | activations MiB | predicted | ratio | compete s/step | compete peak MiB | predicted "
+                  "| ratio | compete activations MiB | predicted | ratio | load |", "|---" * 25 + "|"]
     else:
         lines += [head + " save s | MiB written (r0) | predicted | save MiB/s (r0) | save peak MiB | load s "
                   "| load peak MiB | load |", "|---" * 14 + "|"]
