@@ -274,3 +274,44 @@ def test_save_holds_one_gathered_tensor_at_a_time(tmp_path):
     for name, p in model.named_parameters():
         assert torch.equal(reader.read(f"model/{name}"), p.detach())
         assert torch.equal(reader.read(f"optim.exp_avg_sq/{name}"), torch.full_like(p, 2.0))
+
+
+def test_load_reads_one_parameter_state_at_a_time(tmp_path):
+    """Loading hands the engine mappings read on demand: walking them holds one parameter's state
+    at a time (weak references to what was read), and the values are the saved ones."""
+    import weakref
+
+    from competesmoe.model.build import build_shard
+    from competesmoe.model.config import ModelConfig, MoEConfig
+    from competesmoe.parallel.mesh import Mesh
+    from competesmoe.train.checkpoint import Checkpointer
+    from competesmoe.train.engine import TorchEngine
+    from competesmoe.train.config import TrainConfig
+
+    cfg = ModelConfig(vocab_size=32, d_model=8, n_layers=2, n_heads=2,
+                      moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=8))
+    mesh = Mesh(world=1, rank=0, ep=1, device=torch.device("cpu"))
+    model = build_shard(cfg, seed=0)
+    engine = TorchEngine(model, TrainConfig(), mesh)
+    model(torch.randint(0, 32, (2, 6))).logits.sum().backward()
+    engine.optimizer.step()
+    path = Checkpointer(tmp_path, mesh, 1).save(1, model, engine, {})
+
+    seen, most_alive = [], 0
+
+    class Watching:
+        def load_state(self, params, states, scalars):
+            nonlocal most_alive
+            for name in params:
+                value = params[name]
+                seen.append(weakref.ref(value))
+                assert torch.equal(value, model.get_parameter(name).detach())
+                del value
+            for name, state in states.items():
+                seen.extend(weakref.ref(v) for v in state.values())
+                most_alive = max(most_alive, sum(r() is not None for r in seen))
+                assert torch.equal(state["exp_avg"], engine.optimizer.state[model.get_parameter(name)]["exp_avg"])
+            assert len(states) == len(list(model.parameters()))
+
+    Checkpointer(tmp_path, mesh, 1).load(CheckpointReader(path), build_shard(cfg, seed=1), Watching())
+    assert most_alive <= 2

@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -152,6 +153,26 @@ class StreamingSafetensors:
                 self.file.write(self.reserved.to_bytes(8, "little") + text + b" " * (self.reserved - len(text)))
         finally:
             self.file.close()
+
+
+class OnDemand(Mapping):
+    """A read-only mapping whose values are read from a checkpoint when they are asked for, so
+    that whoever walks it holds one value at a time rather than the whole state."""
+
+    def __init__(self, names, read: Callable[[str], Any]):
+        self.names, self.read = list(names), read
+        self._known = set(self.names)
+
+    def __getitem__(self, name: str):
+        if name not in self._known:
+            raise KeyError(name)
+        return self.read(name)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 class Checkpointer:
@@ -293,11 +314,12 @@ class Checkpointer:
         commit record."""
         params = reader.model_tensors(model)
         rows = expert_rows(model)
-        optim_state: dict[str, dict[str, torch.Tensor]] = {}
-        for name, param in model.named_parameters():
-            keys = [k for k in ("exp_avg", "exp_avg_sq") if reader.has(f"optim.{k}/{name}")]
-            if keys:
-                optim_state[name] = {k: reader.read(f"optim.{k}/{name}", param.shape, rows.get(name)) for k in keys}
+        shapes = dict(model.named_parameters())
+        with_state = [name for name in shapes if reader.has(f"optim.exp_avg/{name}")]
+        # read when the engine asks for a parameter's moments, so it holds one parameter's at a time
+        optim_state = OnDemand(with_state, lambda name: {
+            k: reader.read(f"optim.{k}/{name}", shapes[name].shape, rows.get(name))
+            for k in ("exp_avg", "exp_avg_sq") if reader.has(f"optim.{k}/{name}")})
         engine.load_state(params, optim_state, reader.trainer["optimizer"])
         # RNG states are per rank: a resharded run (another rank count) keeps its fresh ones.
         rng = f"rng/torch@{self.mesh.rank}"
@@ -393,16 +415,18 @@ class CheckpointReader:
                                   "(a checkpoint of a different model shape)")
         return value
 
-    def model_tensors(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    def model_tensors(self, model: torch.nn.Module) -> Mapping[str, torch.Tensor]:
         """The saved value of each of `model`'s parameters (this rank's experts only, under
-        expert parallelism); a tensor missing on either side or of another shape fails."""
+        expert parallelism), read when asked for; a tensor missing on either side or of another
+        shape fails."""
         expected = {n for n, _ in model.named_parameters()}
         saved = {t.split("/", 1)[1] for t in self.pieces if t.startswith("model/")}
         if saved - expected:
             raise CheckpointError(f"checkpoint {self.path} has tensors this model lacks, e.g. "
                                   f"'{sorted(saved - expected)[0]}' (a checkpoint of a different model)")
         rows = expert_rows(model)
-        return {name: self.read(f"model/{name}", p.shape, rows.get(name)) for name, p in model.named_parameters()}
+        shapes = {name: p.shape for name, p in model.named_parameters()}
+        return OnDemand(shapes, lambda name: self.read(f"model/{name}", shapes[name], rows.get(name)))
 
     def load_model(self, model: torch.nn.Module) -> None:
         with torch.no_grad():

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Mapping
 from typing import Iterator
 
 import torch
@@ -147,7 +148,7 @@ class DeepSpeedEngine:
     def _optimizer_states_exist(self) -> bool:
         return all(flat in self.optimizer.optimizer.state for flat in self.optimizer.single_partition_of_fp32_groups)
 
-    def load_state(self, params: dict[str, torch.Tensor], states: dict[str, dict[str, torch.Tensor]],
+    def load_state(self, params: Mapping[str, torch.Tensor], states: Mapping[str, dict[str, torch.Tensor]],
                    scalars: dict) -> None:
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 

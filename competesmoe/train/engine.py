@@ -27,6 +27,7 @@ parameter's state at a time, never the whole model's.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
@@ -66,7 +67,7 @@ class Engine(Protocol):
 
     def scalar_state(self) -> dict: ...
 
-    def load_state(self, params: dict[str, torch.Tensor], states: dict[str, dict[str, torch.Tensor]],
+    def load_state(self, params: Mapping[str, torch.Tensor], states: Mapping[str, dict[str, torch.Tensor]],
                    scalars: dict) -> None: ...
 
 
@@ -176,7 +177,7 @@ class TorchEngine:
         steps = {self.name_of[id(p)]: float(s["step"]) for p, s in self.optimizer.state.items()}
         return {"adam_step": max(steps.values()) if steps else 0.0}
 
-    def load_state(self, params: dict[str, torch.Tensor], states: dict[str, dict[str, torch.Tensor]],
+    def load_state(self, params: Mapping[str, torch.Tensor], states: Mapping[str, dict[str, torch.Tensor]],
                    scalars: dict) -> None:
         by_name = dict(self.named)
         with torch.no_grad():
