@@ -173,7 +173,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         written = (path / f"rank{mesh.rank:05d}.safetensors").stat().st_size
         with Peak() as load:
             checkpointer.load(CheckpointReader(path), model, engine)
+        # streamed both ways: one parameter's weights and two moments at a time (memory model)
+        one_param = 3 * max(p.numel() * 4 for p in model.parameters())
         report["ckpt"] = {"save_seconds": round(save.seconds, 3), "save_peak_growth_mib": _mib(save.growth),
+                          "peak_predicted_mib": _mib(one_param),
                           "written_bytes": written, "written_mib": _mib(written), "predicted_written_mib":
                               _mib(checkpoint_save_bytes(counts, layout, mesh.rank)),
                           "save_mib_per_s": round(_mib(written) / save.seconds, 1),
