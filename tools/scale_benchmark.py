@@ -461,7 +461,9 @@ MODEL_NOTES = {
             "tensors, each rank of the first expert-parallel group its experts); MiB/s = MiB written by the rank / "
             "seconds of the whole collective save. Load: Checkpointer.load of the same checkpoint into the model. "
             "Both stream one parameter at a time: predicted peak = its largest parameter's weights and two "
-            "moments (12 bytes per element); the save never holds the model's optimizer state.",
+            "moments (12 bytes per element); the save never holds the model's optimizer state. The load's peak RSS "
+            "includes the checkpoint's pages, which safetensors maps while the reader is open (clean page cache, "
+            "reclaimable); `load anon` is the growth of anonymous memory over the load, what it allocates.",
 }
 
 
@@ -480,7 +482,7 @@ def model_markdown(report: dict) -> str:
                   "| ratio | compete activations MiB | predicted | ratio | load |", "|---" * 25 + "|"]
     else:
         lines += [head + " save s | MiB written (r0) | predicted | save MiB/s (r0) | save peak MiB | load s "
-                  "| load peak MiB | predicted peak MiB | load |", "|---" * 15 + "|"]
+                  "| load peak MiB | load anon MiB | predicted peak MiB | load |", "|---" * 16 + "|"]
     for r in report["runs"]:
         ranks, first = r["ranks"], r["ranks"][0]
         cells = [r["size"], f"{first['params_total'] / 1e6:.0f}", f"{r['procs']}", f"{first['tokens_per_step']}",
@@ -508,6 +510,7 @@ def model_markdown(report: dict) -> str:
             cells += [f"{ck['save_seconds']}", f"{ck['written_mib']}", f"{ck['predicted_written_mib']}",
                       f"{ck['save_mib_per_s']}", f"{_worst(ranks, 'ckpt', 'save_peak_growth_mib')}",
                       f"{ck['load_seconds']}", f"{_worst(ranks, 'ckpt', 'load_peak_growth_mib')}",
+                      f"{_worst(ranks, 'ckpt', 'load_anon_growth_mib')}",
                       f"{_worst(ranks, 'ckpt', 'peak_predicted_mib')}", load]
         lines.append("| " + " | ".join(cells) + " |")
     if report.get("notes"):

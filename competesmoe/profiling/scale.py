@@ -171,8 +171,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         with Peak() as save:
             path = checkpointer.save(1, model, engine, {"config": to_dict(cfg)})
         written = (path / f"rank{mesh.rank:05d}.safetensors").stat().st_size
+        anon = _status("RssAnon")
         with Peak() as load:
-            checkpointer.load(CheckpointReader(path), model, engine)
+            reader = CheckpointReader(path)
+            checkpointer.load(reader, model, engine)
+        # safetensors maps the files: their pages count in RSS while the reader is open (clean page
+        # cache, reclaimable); what the load allocates is the anonymous part
+        anon_growth = _status("RssAnon") - anon
+        del reader
         # streamed both ways: one parameter's weights and two moments at a time (memory model)
         one_param = 3 * max(p.numel() * 4 for p in model.parameters())
         report["ckpt"] = {"save_seconds": round(save.seconds, 3), "save_peak_growth_mib": _mib(save.growth),
@@ -180,7 +186,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                           "written_bytes": written, "written_mib": _mib(written), "predicted_written_mib":
                               _mib(checkpoint_save_bytes(counts, layout, mesh.rank)),
                           "save_mib_per_s": round(_mib(written) / save.seconds, 1),
-                          "load_seconds": round(load.seconds, 3), "load_peak_growth_mib": _mib(load.growth)}
+                          "load_seconds": round(load.seconds, 3), "load_peak_growth_mib": _mib(load.growth),
+                          "load_anon_growth_mib": _mib(anon_growth)}
         mesh.barrier()
         if mesh.is_main:
             shutil.rmtree(root, ignore_errors=True)
