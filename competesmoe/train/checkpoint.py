@@ -132,7 +132,7 @@ class StreamingSafetensors:
         return self
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
-        if len(self.header) and key in self.header:
+        if key in self.header:
             raise ValueError(f"tensor {key} written twice")
         cpu = tensor.to("cpu").contiguous()
         raw = cpu.reshape(-1).view(torch.uint8).numpy() if cpu.numel() else b""
