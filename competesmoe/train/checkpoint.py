@@ -11,6 +11,10 @@ A checkpoint is a directory `<root>/step_<NNNNNNNN>/`:
                         not a checkpoint.
   <root>/latest         the name of the newest complete checkpoint, replaced atomically.
 
+Both ways stream: a rank writes its file one tensor at a time as the engine hands out each
+parameter's state (gathered one parameter at a time under ZeRO), and a load reads each
+parameter's tensors when the engine asks for them, so neither holds the model's optimizer state.
+
 Saving writes into `step_<N>.tmp`, and only a complete directory is renamed into place, so a
 crash or kill during a save leaves the previous checkpoint intact. Loading reads each tensor
 from whichever files hold its rows, so a checkpoint written with one data x expert layout loads
