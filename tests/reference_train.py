@@ -32,6 +32,7 @@ from torch import nn
 from competesmoe.config import Config
 from competesmoe.data.loader import TrainLoader
 from competesmoe.data.prepare import prepare_data
+from competesmoe.model.build import build_shard
 from competesmoe.model.moe.routers import XMoERouter
 from competesmoe.model.moe.schedule import build_schedule
 from competesmoe.model.transformer import Transformer, lm_loss
@@ -39,9 +40,11 @@ from competesmoe.model.transformer import Transformer, lm_loss
 
 def initial_model(cfg: Config) -> Transformer:
     """The model a run of `cfg` starts from, before any step. The one place tests say how the
-    initial weights follow from a config."""
+    initial weights follow from a config: the whole model (every expert), each tensor drawn from
+    the generator of (seed, its name[, expert id]) by the model's own init (model/init.py; the
+    initial state, not what these tests hold the trainer to)."""
     torch.manual_seed(cfg.seed)
-    return Transformer(cfg.model)
+    return build_shard(cfg.model, cfg.seed)
 
 
 def learning_rate(step: int, cfg: Config) -> float:

@@ -215,3 +215,111 @@ def test_milestones_survive_pruning(corpus, tmp_path):
     train(load_config(SMOKE, args))
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert kept == ["latest", "step_00000004", "step_00000008"]
+
+
+def test_streamed_safetensors_file_reads_back_with_safetensors(tmp_path):
+    from safetensors import safe_open
+
+    from competesmoe.train.checkpoint import StreamingSafetensors
+
+    want = {"a/w@0": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.int64), "c": torch.randn(2, 2).double(),
+            "d": torch.randn(4).bfloat16(), "rng": torch.get_rng_state(), "empty": torch.zeros(0, 3),
+            "flag": torch.tensor([True, False]), "view": torch.randn(4, 6)[:, ::2]}
+    path = tmp_path / "x.safetensors"
+    with StreamingSafetensors(path, entries=len(want), longest_key=10) as out:
+        for key, t in want.items():
+            out.write(key, t)
+    got = load_file(str(path))
+    assert got.keys() == want.keys()
+    for key, t in want.items():
+        assert got[key].dtype == t.dtype and torch.equal(got[key], t), key
+    with safe_open(str(path), "pt") as f:
+        assert sorted(f.keys()) == sorted(want)
+    with pytest.raises(CheckpointError, match="outgrew"):
+        with StreamingSafetensors(tmp_path / "y.safetensors", entries=1, longest_key=1) as out:
+            for i in range(40):
+                out.write(f"a_rather_long_tensor_name_{i}", torch.zeros(1))
+
+
+def test_save_holds_one_gathered_tensor_at_a_time(tmp_path):
+    """The engine hands out each parameter's (gathered) state lazily; the save must write and drop
+    each before asking for the next, as DeepSpeed's would otherwise hold the model's whole optimizer
+    state at once. Counted with weak references to what the engine handed out."""
+    import weakref
+
+    from competesmoe.model.build import build_shard
+    from competesmoe.model.config import ModelConfig, MoEConfig
+    from competesmoe.parallel.mesh import Mesh
+    from competesmoe.train.checkpoint import Checkpointer
+
+    model = build_shard(ModelConfig(vocab_size=32, d_model=8, n_layers=2, n_heads=2,
+                                    moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=8)), seed=0)
+    handed, most_alive = [], 0
+
+    def hand(t: torch.Tensor) -> torch.Tensor:
+        nonlocal most_alive
+        copy = t.detach().clone()  # what a gather returns: a fresh tensor
+        handed.append(weakref.ref(copy))
+        most_alive = max(most_alive, sum(r() is not None for r in handed))
+        return copy
+
+    class GatheringEngine:
+        def param_tensors(self):
+            for name, p in model.named_parameters():
+                yield name, hand(p)
+
+        def state_tensors(self):
+            for name, p in model.named_parameters():
+                yield name, {"exp_avg": hand(p * 0 + 1), "exp_avg_sq": hand(p * 0 + 2)}
+
+        def scalar_state(self):
+            return {"adam_step": 1.0}
+
+    path = Checkpointer(tmp_path, Mesh(world=1, rank=0, ep=1, device=torch.device("cpu")), 1).save(
+        1, model, GatheringEngine(), {})
+    assert len(handed) == 3 * len(list(model.parameters())) and most_alive <= 2
+    reader = CheckpointReader(path)
+    for name, p in model.named_parameters():
+        assert torch.equal(reader.read(f"model/{name}"), p.detach())
+        assert torch.equal(reader.read(f"optim.exp_avg_sq/{name}"), torch.full_like(p, 2.0))
+
+
+def test_load_reads_one_parameter_state_at_a_time(tmp_path):
+    """Loading hands the engine mappings read on demand: walking them holds one parameter's state
+    at a time (weak references to what was read), and the values are the saved ones."""
+    import weakref
+
+    from competesmoe.model.build import build_shard
+    from competesmoe.model.config import ModelConfig, MoEConfig
+    from competesmoe.parallel.mesh import Mesh
+    from competesmoe.train.checkpoint import Checkpointer
+    from competesmoe.train.engine import TorchEngine
+    from competesmoe.train.config import TrainConfig
+
+    cfg = ModelConfig(vocab_size=32, d_model=8, n_layers=2, n_heads=2,
+                      moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=8))
+    mesh = Mesh(world=1, rank=0, ep=1, device=torch.device("cpu"))
+    model = build_shard(cfg, seed=0)
+    engine = TorchEngine(model, TrainConfig(), mesh)
+    model(torch.randint(0, 32, (2, 6))).logits.sum().backward()
+    engine.optimizer.step()
+    path = Checkpointer(tmp_path, mesh, 1).save(1, model, engine, {})
+
+    seen, most_alive = [], 0
+
+    class Watching:
+        def load_state(self, params, states, scalars):
+            nonlocal most_alive
+            for name in params:
+                value = params[name]
+                seen.append(weakref.ref(value))
+                assert torch.equal(value, model.get_parameter(name).detach())
+                del value
+            for name, state in states.items():
+                seen.extend(weakref.ref(v) for v in state.values())
+                most_alive = max(most_alive, sum(r() is not None for r in seen))
+                assert torch.equal(state["exp_avg"], engine.optimizer.state[model.get_parameter(name)]["exp_avg"])
+            assert len(states) == len(list(model.parameters()))
+
+    Checkpointer(tmp_path, mesh, 1).load(CheckpointReader(path), build_shard(cfg, seed=1), Watching())
+    assert most_alive <= 2

@@ -38,3 +38,72 @@ def test_data_section_measures_each_size_and_worker_count(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "tools" / "scale_benchmark.py"), "data-report", str(out.with_suffix(".json"))],
                    check=True, timeout=60)
     assert out.with_suffix(".md").read_text() == markdown
+
+
+def _section(tmp_path, section: str, *extra: str) -> dict:
+    out = tmp_path / section
+    cmd = [sys.executable, str(ROOT / "tools" / "scale_benchmark.py"), section, "--sizes", "tiny", "--out", str(out),
+           *extra]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    assert f"tools/scale_benchmark.py {section} --sizes tiny" in out.with_suffix(".md").read_text()
+    return json.loads(out.with_suffix(".json").read_text())
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(600)
+def test_build_section_measures_each_rank_and_predicts_its_share(tmp_path):
+    report = _section(tmp_path, "build", "--procs", "1", "2")
+    assert [(r["procs"], len(r["ranks"])) for r in report["runs"]] == [(1, 1), (2, 2)]
+    for run in report["runs"]:
+        for rank in run["ranks"]:
+            ep = run["procs"]
+            assert rank["ep"] == ep and rank["build"]["seconds"] > 0 and rank["build"]["peak_growth_mib"] >= 0
+            own = rank["params_dense"] + rank["params_experts"] // ep
+            assert rank["build"]["param_mib"] == round(4 * own / 2**20, 1) == rank["build"]["predicted_mib"]
+    one, two = report["runs"][0]["ranks"][0], report["runs"][1]["ranks"][1]
+    assert one["params_experts"] == two["params_experts"] > 0
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(600)
+def test_step_section_times_normal_and_competing_steps(tmp_path):
+    report = _section(tmp_path, "step", "--procs", "2", "--batches", "2", "--steps", "2", "--compete-steps", "1")
+    (run,) = report["runs"]
+    assert run["checkpointing"] == "none" and not run["compile"]
+    for rank in run["ranks"]:
+        assert rank["tokens_per_step"] == 2 * 2 * 16 and rank["micro_tokens"] == 2 * 16
+        step = rank["step"]
+        assert step["first_seconds"] > 0 and step["seconds"] > 0 and step["first_peak_growth_mib"] > 0
+        assert step["activations_predicted_mib"] > 0 and step["first_predicted_mib"] > step["predicted_mib"]
+        assert rank["compete_step"]["seconds"] > 0
+        assert rank["compete_step"]["activations_predicted_mib"] >= step["activations_predicted_mib"]
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(600)
+def test_ckpt_section_writes_every_weight_and_moment_once(tmp_path):
+    report = _section(tmp_path, "ckpt", "--procs", "2")
+    (run,) = report["runs"]
+    ranks = run["ranks"]
+    total = ranks[0]["params_total"]
+    written = sum(r["ckpt"]["written_bytes"] for r in ranks)
+    # weights + exp_avg + exp_avg_sq in fp32, once each, plus per file a header and an RNG state
+    assert 12 * total <= written <= 12 * total + 2 * 40_000
+    assert ranks[0]["ckpt"]["written_bytes"] > ranks[1]["ckpt"]["written_bytes"]  # rank 0 also writes the dense
+    for r in ranks:
+        assert r["ckpt"]["save_seconds"] > 0 and r["ckpt"]["load_seconds"] > 0
+
+
+def test_fits_section_prints_a_layout_for_each_model_and_cluster(tmp_path):
+    out = tmp_path / "fits"
+    subprocess.run([sys.executable, str(ROOT / "tools" / "scale_benchmark.py"), "fits", "--out", str(out)],
+                   check=True, capture_output=True, text=True, timeout=300)
+    fits = json.loads(out.with_suffix(".json").read_text())["fits"]
+    assert {(f["model"], f["gpus"]) for f in fits} == {(m, g) for m in ("reference_lm (154M)", "OLMoE-1B-7B-like",
+                                                                        "Mixtral-8x7B-like") for g in (8, 64)}
+    for f in fits:
+        assert f["micro_batch"] == 0 or f["total_gb"] <= 80 - 6
+        assert f["gpus"] % f["ep"] == 0
+    # full recomputation never fits fewer sequences than none
+    by = {(f["model"], f["gpus"], f["checkpointing"]): f["micro_batch"] for f in fits}
+    assert all(by[(m, g, "full")] >= by[(m, g, "none")] for m, g, _ in by)

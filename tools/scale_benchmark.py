@@ -4,6 +4,26 @@ Each section is a subcommand and writes OUT.json (every measurement) and OUT.md 
 
   data   data preparation (competesmoe-data): MB/s and peak memory against data.workers and the
          size of the corpus.
+  build  per-rank peak memory and time of building the model (each rank builds only its part)
+  step   per-rank peak memory and time of training steps (normal and competing), per activation
+         checkpointing choice, tokens per step, eager or compiled
+  ckpt   checkpoint save and load: seconds, MB/s and peak extra memory per rank
+  fits   no measurement: the memory model's table of what fits per GPU for real layouts
+
+The model sections launch `torchrun --standalone --nproc-per-node N -m competesmoe.profiling.scale`
+(gloo, CPU) for each model size (--sizes, presets in SIZES) and process count (--procs, with EP =
+N), each in a fresh process group; every rank measures its own phases exactly (VmHWM reset per
+phase) and the memory model's prediction (competesmoe/profiling/memory.py) is printed next to each
+measured number.
+
+    python tools/scale_benchmark.py build --sizes s m l --procs 1 2 4
+    python tools/scale_benchmark.py step --sizes s m --procs 1 2 4
+    python tools/scale_benchmark.py step --sizes m --procs 2 --checkpointing none full ffn attn \
+        --compete-steps 0 --out benchmarks/results/scale_step_ckpt_cpu
+    python tools/scale_benchmark.py step --sizes s --procs 1 --batches 4 8 16 --compile both --steps 3 \
+        --compete-steps 0 --out benchmarks/results/scale_step_time_cpu
+    python tools/scale_benchmark.py ckpt --sizes s m l --procs 1 2 4
+    python tools/scale_benchmark.py fits
 
     python tools/scale_benchmark.py data --sizes-mib 64 256 1024 --workers 1 2 \\
         --work-dir /tmp/scale_data --out benchmarks/results/scale_data_cpu
@@ -29,6 +49,7 @@ run is recorded next to it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -36,6 +57,7 @@ import platform
 import re
 import resource
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -332,6 +354,200 @@ def run_data(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- build / step / ckpt: the model at size ---------------------------------------------------------
+
+# Model sizes (total parameters): the MoE of the issue (m: 281M, 64 experts of width 512, d 512,
+# 8 layers), a quarter of it and twice it; small top-k and short sequences keep a CPU step short.
+BASE = ["model.vocab_size=8000", "model.n_heads=4", "model.moe.router=competesmoe", "model.moe.top_k=2",
+        "model.moe.activation=relu", "train.seq_len=128", "train.lr=1e-4", "train.precision=fp32"]
+SIZES = {
+    "tiny": ["model.vocab_size=64", "model.d_model=32", "model.n_layers=2", "model.n_heads=2",
+             "model.moe.num_experts=4", "model.moe.expert_hidden=16", "train.seq_len=16"],
+    "s": ["model.d_model=256", "model.n_layers=4", "model.moe.num_experts=32", "model.moe.expert_hidden=512"],
+    "m": ["model.d_model=512", "model.n_layers=8", "model.moe.num_experts=64", "model.moe.expert_hidden=512"],
+    "l": ["model.d_model=512", "model.n_layers=8", "model.moe.num_experts=128", "model.moe.expert_hidden=512"],
+}
+
+
+def launch_scale(nproc: int, overrides: List[str], phases: List[str], out: Path, steps: int, compete_steps: int,
+                 timeout: float) -> List[dict]:
+    """One torchrun of competesmoe.profiling.scale; the ranks' reports, rank 0 first."""
+    shutil.rmtree(out, ignore_errors=True)
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               # a fixed mmap threshold: freed tensors go back to the kernel, so RSS measures what is live
+               MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", f"--nproc-per-node={nproc}", "-m", "competesmoe.profiling.scale",
+           "--out", str(out), "--phases", *phases, "--steps", str(steps), "--compete-steps", str(compete_steps),
+           "--", *overrides]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"{shlex.join(cmd)} failed ({done.returncode}):\n"
+                           f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+
+
+def model_variants(args: argparse.Namespace) -> List[dict]:
+    """Every (size, processes, checkpointing, compile, batch) the section measures, with its overrides."""
+    out = []
+    checkpointing = getattr(args, "checkpointing", ["none"])
+    compiled = {"eager": [False], "compiled": [True], "both": [False, True]}[getattr(args, "compile", "eager")]
+    for size in args.sizes:
+        for nproc in args.procs:
+            for batch in args.batches:
+                for ckpt in checkpointing:
+                    for comp in compiled:
+                        overrides = BASE + SIZES[size] + [f"train.global_batch={batch * nproc}", f"parallel.ep={nproc}",
+                                                          f"parallel.zero_stage={args.zero_stage}"]
+                        # only named when not the default, so that the section runs without the keys
+                        if ckpt != "none":
+                            overrides.append(f"parallel.activation_checkpoint={ckpt}")
+                        if comp:
+                            overrides.append("parallel.compile=true")
+                        out.append({"size": size, "procs": nproc, "batch_per_rank": batch, "checkpointing": ckpt,
+                                    "compile": comp, "overrides": overrides + list(args.override)})
+    return out
+
+
+PHASES_OF = {"build": ["build"], "step": ["build", "step"], "ckpt": ["build", "step", "ckpt"]}
+
+
+def run_model_section(args: argparse.Namespace) -> int:
+    runs = []
+    work = Path(tempfile.mkdtemp(prefix=f"scale_{args.section}_"))
+    try:
+        for variant in model_variants(args):
+            print(f"measuring {args.section}: {json.dumps({k: v for k, v in variant.items() if k != 'overrides'})}",
+                  file=sys.stderr)
+            load_before = os.getloadavg()
+            ranks = launch_scale(variant["procs"], variant["overrides"], PHASES_OF[args.section], work / "run",
+                                 args.steps, args.compete_steps, args.timeout)
+            runs.append(dict(variant, ranks=ranks, load_average_before=[round(x, 2) for x in load_before],
+                             load_average_after=[round(x, 2) for x in os.getloadavg()]))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report = {"section": args.section,
+              "command": "python " + shlex.join(["tools/scale_benchmark.py"] + sys.argv[1:]),
+              "date": datetime.date.today().isoformat(), "machine": machine(), "notes": args.notes, "runs": runs}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(model_markdown(report))
+    print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.md')}", file=sys.stderr)
+    return 0
+
+
+def _ratio(measured, predicted) -> str:
+    if measured is None or not predicted:
+        return "-"
+    return f"{measured / predicted:.2f}"
+
+
+def _worst(ranks: List[dict], part: str, key: str):
+    values = [r[part][key] for r in ranks if part in r and r[part].get(key) is not None]
+    return max(values) if values else None
+
+
+MODEL_NOTES = {
+    "build": "Peak MiB: the largest growth of any rank's peak RSS (VmHWM) during build_model; predicted: the "
+             "memory model's weights of one rank (4 bytes x (dense + experts / EP) parameters).",
+    "step": "First step: growth of the peak RSS above the built model during the optimizer's creation and the "
+            "first step (gradients + optimizer state + activations); later steps: growth above the RSS before the "
+            "step (activations, and the gradients at ZeRO-0, which are freed between steps; the model adds both, "
+            "while the backward allocates gradients as it frees activations, so this peak is below the sum); "
+            "activations: growth during one micro-batch's forward and loss alone, what autograd keeps for the "
+            "backward, against the model's activation bytes. Predicted by the memory model (fp32 activations); "
+            "s/step is the mean of the later steps (rank 0); the largest figure over the ranks otherwise.",
+    "ckpt": "Save: Checkpointer.save of the state after one step (weights and Adam moments; rank 0 writes the dense "
+            "tensors, each rank of the first expert-parallel group its experts); MiB/s = MiB written by the rank / "
+            "seconds of the whole collective save. Load: Checkpointer.load of the same checkpoint into the model. "
+            "Both stream one parameter at a time: predicted peak = its largest parameter's weights and two "
+            "moments (12 bytes per element); the save never holds the model's optimizer state. The load's peak RSS "
+            "includes the checkpoint's pages, which safetensors maps while the reader is open (clean page cache, "
+            "reclaimable); `load anon` is the growth of anonymous memory over the load, what it allocates.",
+}
+
+
+def model_markdown(report: dict) -> str:
+    m, section = report["machine"], report["section"]
+    lines = [f"# Scaling: {section}", "", f"Command: `{report['command']}`", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores available, {m['memory_gib']} GiB, Python {m['python']}. "
+             f"CPU, gloo, one process per rank, EP = processes. Date: {report['date']}.", "",
+             MODEL_NOTES[section], ""]
+    head = "| size | params M | procs (EP) | tokens/step | ckpt | compiled |"
+    if section == "build":
+        lines += [head + " build s | peak MiB | predicted MiB | ratio | load |", "|---" * 11 + "|"]
+    elif section == "step":
+        lines += [head + " s/step | tokens/s | 1st step peak MiB | predicted | ratio | step peak MiB | predicted "
+                  "| ratio | activations MiB | predicted | ratio | compete s/step | compete peak MiB | predicted "
+                  "| ratio | compete activations MiB | predicted | ratio | load |", "|---" * 25 + "|"]
+    else:
+        lines += [head + " save s | MiB written (r0) | predicted | save MiB/s (r0) | save peak MiB | load s "
+                  "| load peak MiB | load anon MiB | predicted peak MiB | load |", "|---" * 16 + "|"]
+    for r in report["runs"]:
+        ranks, first = r["ranks"], r["ranks"][0]
+        cells = [r["size"], f"{first['params_total'] / 1e6:.0f}", f"{r['procs']}", f"{first['tokens_per_step']}",
+                 r["checkpointing"], "yes" if r["compile"] else "no"]
+        load = f"{r['load_average_before'][0]} / {r['load_average_after'][0]}"
+        if section == "build":
+            peak, pred = _worst(ranks, "build", "peak_growth_mib"), _worst(ranks, "build", "predicted_mib")
+            cells += [f"{first['build']['seconds']}", f"{peak}", f"{pred}", _ratio(peak, pred), load]
+        elif section == "step":
+            st = first["step"]
+            p1, q1 = _worst(ranks, "step", "first_peak_growth_mib"), _worst(ranks, "step", "first_predicted_mib")
+            p2, q2 = _worst(ranks, "step", "peak_growth_mib"), _worst(ranks, "step", "predicted_mib")
+            tps = f"{first['tokens_per_step'] / st['seconds']:.0f}" if st["seconds"] else "-"
+            cs = first.get("compete_step") or {}
+            p3, q3 = _worst(ranks, "compete_step", "peak_growth_mib"), _worst(ranks, "compete_step", "predicted_mib")
+            a1, b1 = _worst(ranks, "step", "activations_mib"), _worst(ranks, "step", "activations_predicted_mib")
+            a2 = _worst(ranks, "compete_step", "activations_mib")
+            b2 = _worst(ranks, "compete_step", "activations_predicted_mib")
+            cells += [f"{st['seconds']}", tps, f"{p1}", f"{q1}", _ratio(p1, q1), f"{p2}", f"{q2}", _ratio(p2, q2),
+                      f"{a1}", f"{b1}", _ratio(a1, b1), f"{cs.get('seconds', '-')}",
+                      *[f"{v if v is not None else '-'}" for v in (p3, q3)], _ratio(p3, q3),
+                      *[f"{v if v is not None else '-'}" for v in (a2, b2)], _ratio(a2, b2), load]
+        else:
+            ck = first["ckpt"]
+            cells += [f"{ck['save_seconds']}", f"{ck['written_mib']}", f"{ck['predicted_written_mib']}",
+                      f"{ck['save_mib_per_s']}", f"{_worst(ranks, 'ckpt', 'save_peak_growth_mib')}",
+                      f"{ck['load_seconds']}", f"{_worst(ranks, 'ckpt', 'load_peak_growth_mib')}",
+                      f"{_worst(ranks, 'ckpt', 'load_anon_growth_mib')}",
+                      f"{_worst(ranks, 'ckpt', 'peak_predicted_mib')}", load]
+        lines.append("| " + " | ".join(cells) + " |")
+    if report.get("notes"):
+        lines += ["", report["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+# ---- fits: what the memory model says fits ------------------------------------------------------------
+
+def run_fits(args: argparse.Namespace) -> int:
+    from competesmoe.profiling.memory import MEMORY_MODEL_SUMMARY, fits_table, mixtral_like, olmoe_like, param_counts
+
+    fits = fits_table(tuple(args.gpus), args.gpu_gb)
+    counts = {"OLMoE-1B-7B-like": param_counts(olmoe_like()), "Mixtral-8x7B-like": param_counts(mixtral_like())}
+    lines = ["# Scaling: what fits per GPU (memory model)", "",
+             f"Command: `python {shlex.join(['tools/scale_benchmark.py'] + sys.argv[1:])}`", "",
+             f"{args.gpu_gb:g} GB GPUs, 6 GB kept for the CUDA context, fragmentation and collective buffers; "
+             "ZeRO-2, fp32 weights and gradients with bf16 activations (autocast), competition steps counted "
+             "(CompeteSMoE router). For each checkpointing choice, the expert-parallel size that fits the largest "
+             "micro-batch (sequences per forward, capped at 64); 0: the weights, gradients and optimizer state "
+             "alone do not fit. No measurement: competesmoe/profiling/memory.py.", "",
+             ", ".join(f"{k}: {v.total / 1e9:.2f}B parameters ({v.experts / 1e9:.2f}B in experts)"
+                       for k, v in counts.items()), "",
+             "| model | GPUs | checkpointing | EP | micro-batch | seq | state GB | activations GB | total GB |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for f in fits:
+        lines.append(f"| {f.model} | {f.gpus} | {f.checkpointing} | {f.ep} | {f.micro_batch} | {f.seq_len} | "
+                     f"{f.state_gb:.1f} | {f.activations_gb:.1f} | {f.total_gb:.1f} |")
+    lines += ["", MEMORY_MODEL_SUMMARY]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    args.out.with_suffix(".json").write_text(json.dumps(
+        {"section": "fits", "gpu_gb": args.gpu_gb, "fits": [dataclasses.asdict(f) for f in fits]}, indent=1) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
 # ---- command line -----------------------------------------------------------------------------------
 
 def _data_options(p: argparse.ArgumentParser) -> None:
@@ -359,6 +575,30 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                       help="output path without extension (.json and .md are written)")
     _data_options(data)
 
+    for name, what in (("build", "per-rank peak memory and time of the model's build"),
+                       ("step", "per-rank memory and time of training steps"),
+                       ("ckpt", "checkpoint save and load: time, MB/s, peak extra memory")):
+        sec = sections.add_parser(name, help=what)
+        sec.add_argument("--sizes", nargs="+", default=["s", "m", "l"], choices=list(SIZES))
+        sec.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4], help="processes (EP = processes)")
+        sec.add_argument("--batches", type=int, nargs="+", default=[4], help="sequences per rank and step")
+        sec.add_argument("--zero-stage", type=int, default=0)
+        sec.add_argument("--steps", type=int, default=2 if name == "step" else 1)
+        sec.add_argument("--compete-steps", type=int, default=1 if name == "step" else 0)
+        sec.add_argument("--override", nargs="*", default=[], help="more run-config overrides (key=value)")
+        sec.add_argument("--timeout", type=float, default=1800, help="seconds per torchrun")
+        sec.add_argument("--notes", default="")
+        sec.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / f"scale_{name}_cpu")
+        if name == "step":
+            sec.add_argument("--checkpointing", nargs="+", default=["none"], choices=["none", "full", "ffn", "attn"],
+                             help="parallel.activation_checkpoint values")
+            sec.add_argument("--compile", default="eager", choices=["eager", "compiled", "both"],
+                             help="parallel.compile: off, on, or each")
+    fits = sections.add_parser("fits", help="what fits per GPU, from the memory model (no measurement)")
+    fits.add_argument("--gpus", type=int, nargs="+", default=[8, 64])
+    fits.add_argument("--gpu-gb", type=float, default=80.0)
+    fits.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale_fits")
+
     report = sections.add_parser("data-report", help="rewrite a data section's .md from its .json")
     report.add_argument("json", type=Path)
 
@@ -376,7 +616,9 @@ def data_report(args: argparse.Namespace) -> int:
     return 0
 
 
-SECTIONS: Dict[str, callable] = {"data": run_data, "data-child": data_child, "data-report": data_report}
+SECTIONS: Dict[str, callable] = {"data": run_data, "data-child": data_child, "data-report": data_report,
+                                 "build": run_model_section, "step": run_model_section, "ckpt": run_model_section,
+                                 "fits": run_fits}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

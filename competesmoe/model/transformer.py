@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from competesmoe.model.config import ModelConfig
+from competesmoe.model.init import Stream, global_stream, normal_
 from competesmoe.model.kv_cache import KVCache, LayerCache
 from competesmoe.model.moe.experts import expert_flops_per_token, init_std_out
 from competesmoe.model.moe.layer import FeedForward, MoELayer, MoEStats
@@ -41,9 +42,15 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, dims: int, base: float):
         super().__init__()
-        self.dims = dims
-        self.register_buffer("inv_freq", base ** (-torch.arange(0, dims, 2, dtype=torch.float32) / max(dims, 1)),
-                             persistent=False)
+        self.dims, self.base = dims, base
+        self.register_buffer("inv_freq", torch.empty(dims // 2), persistent=False)
+        self.init_parameters(global_stream)
+
+    def init_parameters(self, stream: Stream) -> None:
+        """No weights; the frequencies are recomputed (a model materialised from the meta device
+        has none yet)."""
+        if not self.inv_freq.is_meta:
+            self.inv_freq.copy_(self.base ** (-torch.arange(0, self.dims, 2, dtype=torch.float32) / max(self.dims, 1)))
 
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:  # x: [B, H, N, head_dim] at positions offset..
         if self.dims == 0:
@@ -64,8 +71,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * inner, bias=False)
         self.out = nn.Linear(inner, cfg.d_model, bias=False)
         self.rope = RotaryEmbedding(cfg.rope_dims, cfg.rope_base)
-        nn.init.normal_(self.qkv.weight, std=cfg.d_model ** -0.5)
-        nn.init.normal_(self.out.weight, std=init_std_out(inner, cfg.n_layers))
+        self.out_init_std = init_std_out(inner, cfg.n_layers)
+        self.init_parameters(global_stream)
+
+    def init_parameters(self, stream: Stream) -> None:
+        normal_(self.qkv.weight, self.qkv.in_features ** -0.5, stream("qkv.weight"))
+        normal_(self.out.weight, self.out_init_std, stream("out.weight"))
 
     def forward(self, x: Tensor, cache: Optional[LayerCache] = None, mask: Optional[Tensor] = None) -> Tensor:
         """Without a cache: causal attention over x. With one: x holds the positions after the
@@ -122,11 +133,16 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        nn.init.normal_(self.embed.weight, std=cfg.embed_init_std)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
-        else:
-            nn.init.normal_(self.head.weight, std=cfg.d_model ** -0.5)
+        self.init_parameters(global_stream)
+
+    def init_parameters(self, stream: Stream) -> None:
+        """The embedding and the output head; every block initialises its own weights
+        (model/init.py)."""
+        normal_(self.embed.weight, self.cfg.embed_init_std, stream("embed.weight"))
+        if not self.cfg.tie_embeddings:
+            normal_(self.head.weight, self.cfg.d_model ** -0.5, stream("head.weight"))
 
     @property
     def moe_layers(self) -> list[MoELayer]:

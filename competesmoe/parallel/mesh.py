@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from competesmoe.errors import ConfigError
+from competesmoe.model.build import expert_slice
 from competesmoe.parallel.config import check_layout
 
 
@@ -53,8 +54,7 @@ class Mesh:
 
     def local_experts(self, num_experts: int) -> range:
         """Global ids of the experts this rank holds."""
-        per_rank = num_experts // self.ep
-        return range(self.ep_rank * per_rank, (self.ep_rank + 1) * per_rank)
+        return expert_slice(num_experts, self.ep, self.ep_rank)
 
 
 def pick_device(requested: str) -> torch.device:

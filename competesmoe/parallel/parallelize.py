@@ -1,10 +1,11 @@
-"""Apply parallelism to a built model.
+"""Build a rank's model and apply parallelism to it.
 
-The model is built whole and identically on every rank (same seed), then `parallelize` keeps
-this rank's slice of every MoE layer's experts and gives the layer an all-to-all dispatcher
-(with the competition exchange policy of parallel.competition_exchange), and applies activation
-checkpointing and compiled blocks (parallel/activation.py). Nothing in the model's code knows
-about ranks.
+`build_model` constructs only what this rank owns (model/build.py: dense weights and this rank's
+experts, initialised from per-tensor generators so the values do not depend on the layout), then
+`parallelize` gives every MoE layer an all-to-all dispatcher (with the competition exchange
+policy of parallel.competition_exchange) and applies activation checkpointing and compiled
+blocks (parallel/activation.py). `parallelize` also accepts a model built whole (tests, tools):
+it then keeps this rank's slice of the experts. Nothing in the model's code knows about ranks.
 """
 from __future__ import annotations
 
@@ -12,11 +13,19 @@ from typing import Optional
 
 from torch import nn
 
+from competesmoe.model.build import build_shard
+from competesmoe.model.config import ModelConfig
+from competesmoe.model.transformer import Transformer
 from competesmoe.parallel.activation import apply_activation_checkpointing, apply_compile
 from competesmoe.parallel.config import ParallelConfig
 from competesmoe.parallel.dispatch import AllToAllDispatcher
 from competesmoe.parallel.exchange import ExchangePolicy
 from competesmoe.parallel.mesh import Mesh
+
+
+def build_model(cfg: ModelConfig, seed: int, mesh: Mesh, parallel: ParallelConfig) -> Transformer:
+    """The model this rank trains: its own part only, on its device, parallelised."""
+    return parallelize(build_shard(cfg, seed, mesh.ep, mesh.ep_rank, mesh.device), mesh, parallel)
 
 
 def parallelize(model: nn.Module, mesh: Mesh, parallel: Optional[ParallelConfig] = None) -> nn.Module:
@@ -27,7 +36,7 @@ def parallelize(model: nn.Module, mesh: Mesh, parallel: Optional[ParallelConfig]
         policy = ExchangePolicy.from_config(parallel)
         for layer in model.moe_layers:
             ids = mesh.local_experts(layer.num_experts)
-            layer.experts.shard(ids.start, ids.stop)
+            layer.experts.shard(ids.start, ids.stop)  # nothing to do if built as a shard
             layer.dispatcher = AllToAllDispatcher(layer.num_experts, mesh.ep, mesh.ep_rank, mesh.ep_group, policy)
     apply_activation_checkpointing(model, parallel)
     if parallel.compile:

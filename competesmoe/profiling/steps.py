@@ -23,8 +23,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from competesmoe.config import Config
+from competesmoe.model.build import build_shard
 from competesmoe.model.moe.schedule import schedule_for
-from competesmoe.model.transformer import Transformer
 from competesmoe.parallel.mesh import Mesh
 from competesmoe.train.engine import TorchEngine
 from competesmoe.train.step import train_step
@@ -49,7 +49,7 @@ def profile_variant(cfg: Config, name: str, device: torch.device, warmup: int, s
                     trace_dir: Optional[Path]) -> dict:
     cfg = _variant(cfg, name)
     torch.manual_seed(cfg.seed)
-    model = Transformer(cfg.model).to(device).train()
+    model = build_shard(cfg.model, cfg.seed, device=device).train()
     # The trainer's own step and engine (one process): what is timed is what training runs.
     engine = TorchEngine(model, cfg.train, Mesh(world=1, rank=0, ep=1, device=device))
     engine.set_lr(cfg.train.lr)

@@ -11,6 +11,10 @@ A checkpoint is a directory `<root>/step_<NNNNNNNN>/`:
                         not a checkpoint.
   <root>/latest         the name of the newest complete checkpoint, replaced atomically.
 
+Both ways stream: a rank writes its file one tensor at a time as the engine hands out each
+parameter's state (gathered one parameter at a time under ZeRO), and a load reads each
+parameter's tensors when the engine asks for them, so neither holds the model's optimizer state.
+
 Saving writes into `step_<N>.tmp`, and only a complete directory is renamed into place, so a
 crash or kill during a save leaves the previous checkpoint intact. Loading reads each tensor
 from whichever files hold its rows, so a checkpoint written with one data x expert layout loads
@@ -28,6 +32,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -108,6 +113,72 @@ def _weights_finite(path: Path) -> bool:
         return False
 
 
+class StreamingSafetensors:
+    """Writes a safetensors file one tensor at a time, so that no more than one tensor is held for
+    it. The header (names, dtypes, shapes, offsets) is written last into space reserved at the start
+    for `entries` names of at most `longest_key` characters, padded with spaces, which the format
+    allows; any safetensors reader reads the file."""
+
+    DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+    def __init__(self, path: Path, entries: int, longest_key: int):
+        self.path, self.header = Path(path), {}
+        # per entry: the quoted key and the dtype, shape (up to 8 dims of 20 digits) and offsets fields
+        self.reserved = 64 + entries * (longest_key + 8 * 21 + 2 * 21 + 64)
+        self.reserved += -self.reserved % 8
+        self.offset = 0
+
+    def __enter__(self) -> "StreamingSafetensors":
+        self.file = open(self.path, "wb")
+        self.file.seek(8 + self.reserved)
+        return self
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        if key in self.header:
+            raise ValueError(f"tensor {key} written twice")
+        cpu = tensor.to("cpu").contiguous()
+        raw = cpu.reshape(-1).view(torch.uint8).numpy() if cpu.numel() else b""
+        self.file.write(memoryview(raw))
+        size = cpu.numel() * cpu.element_size()
+        self.header[key] = {"dtype": self.DTYPES[cpu.dtype], "shape": list(cpu.shape),
+                            "data_offsets": [self.offset, self.offset + size]}
+        self.offset += size
+
+    def __exit__(self, exc_type, *exc) -> None:
+        try:
+            if exc_type is None:
+                text = json.dumps(self.header, separators=(",", ":")).encode()
+                if len(text) > self.reserved:
+                    raise CheckpointError(f"{self.path}: the safetensors header ({len(text)} bytes) outgrew its "
+                                          f"reserved {self.reserved} bytes")
+                self.file.seek(0)
+                self.file.write(self.reserved.to_bytes(8, "little") + text + b" " * (self.reserved - len(text)))
+        finally:
+            self.file.close()
+
+
+class OnDemand(Mapping):
+    """A read-only mapping whose values are read from a checkpoint when they are asked for, so
+    that whoever walks it holds one value at a time rather than the whole state."""
+
+    def __init__(self, names, read: Callable[[str], Any]):
+        self.names, self.read = list(names), read
+        self._known = set(self.names)
+
+    def __getitem__(self, name: str):
+        if name not in self._known:
+            raise KeyError(name)
+        return self.read(name)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
 class Checkpointer:
     def __init__(self, root: Path, mesh: Mesh, keep_last: int, keep_every: int = 0):
         self.root, self.mesh, self.keep_last, self.keep_every = Path(root), mesh, keep_last, keep_every
@@ -172,28 +243,34 @@ class Checkpointer:
         mesh.barrier()
 
         rows = expert_rows(model)
-        tensors: dict[str, torch.Tensor] = {}
         index: dict[str, dict] = {}
         file_name = f"rank{mesh.rank:05d}.safetensors"
-
-        def put(kind: str, name: str, tensor: torch.Tensor) -> None:
-            start = rows[name][0] if name in rows else None
-            key = f"{kind}/{name}" + (f"@{start}" if start is not None else "")
-            tensors[key] = tensor.detach().to("cpu").contiguous()
-            index[key] = {"tensor": f"{kind}/{name}", "start": start, "file": file_name}
-
-        for name, tensor in engine.param_tensors().items():
-            if _owned(name, rows, mesh):
-                put("model", name, tensor)
-        for name, state in engine.state_tensors().items():
-            if _owned(name, rows, mesh):
-                for k, v in state.items():
-                    put(f"optim.{k}", name, v)
-        tensors[f"rng/torch@{mesh.rank}"] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            tensors[f"rng/cuda@{mesh.rank}"] = torch.cuda.get_rng_state()
+        shapes = dict(model.named_parameters())
+        owned = [name for name in shapes if _owned(name, rows, mesh)]
         path = tmp / file_name
-        save_file(tensors, str(path))
+        # Streamed tensor by tensor: the engine gathers one parameter's state at a time (a
+        # collective under ZeRO: every rank walks every parameter, keeping only what it owns),
+        # so a save holds one tensor beyond the training state, never the model's optimizer state.
+        with StreamingSafetensors(path, entries=3 * len(owned) + 2, longest_key=max(map(len, owned), default=0) + 32) \
+                as out:
+            def put(kind: str, name: str, tensor: torch.Tensor) -> None:
+                start = rows[name][0] if name in rows else None
+                key = f"{kind}/{name}" + (f"@{start}" if start is not None else "")
+                out.write(key, tensor.detach())
+                index[key] = {"tensor": f"{kind}/{name}", "start": start, "file": file_name}
+
+            for name, tensor in engine.param_tensors():
+                if _owned(name, rows, mesh):
+                    put("model", name, tensor)
+                del tensor
+            for name, state in engine.state_tensors():
+                if _owned(name, rows, mesh):
+                    for k in state:
+                        put(f"optim.{k}", name, state[k])
+                del state  # before the next parameter's moments are gathered
+            out.write(f"rng/torch@{mesh.rank}", torch.get_rng_state())
+            if torch.cuda.is_available():
+                out.write(f"rng/cuda@{mesh.rank}", torch.cuda.get_rng_state())
         with open(path, "rb+") as f:
             os.fsync(f.fileno())
         record = {"file": file_name, "size": path.stat().st_size, "checksum": _checksum(path), "index": index}
@@ -241,11 +318,12 @@ class Checkpointer:
         commit record."""
         params = reader.model_tensors(model)
         rows = expert_rows(model)
-        optim_state: dict[str, dict[str, torch.Tensor]] = {}
-        for name, param in model.named_parameters():
-            keys = [k for k in ("exp_avg", "exp_avg_sq") if reader.has(f"optim.{k}/{name}")]
-            if keys:
-                optim_state[name] = {k: reader.read(f"optim.{k}/{name}", param.shape, rows.get(name)) for k in keys}
+        shapes = dict(model.named_parameters())
+        with_state = [name for name in shapes if reader.has(f"optim.exp_avg/{name}")]
+        # read when the engine asks for a parameter's moments, so it holds one parameter's at a time
+        optim_state = OnDemand(with_state, lambda name: {
+            k: reader.read(f"optim.{k}/{name}", shapes[name].shape, rows.get(name))
+            for k in ("exp_avg", "exp_avg_sq") if reader.has(f"optim.{k}/{name}")})
         engine.load_state(params, optim_state, reader.trainer["optimizer"])
         # RNG states are per rank: a resharded run (another rank count) keeps its fresh ones.
         rng = f"rng/torch@{self.mesh.rank}"
@@ -341,16 +419,18 @@ class CheckpointReader:
                                   "(a checkpoint of a different model shape)")
         return value
 
-    def model_tensors(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    def model_tensors(self, model: torch.nn.Module) -> Mapping[str, torch.Tensor]:
         """The saved value of each of `model`'s parameters (this rank's experts only, under
-        expert parallelism); a tensor missing on either side or of another shape fails."""
+        expert parallelism), read when asked for; a tensor missing on either side or of another
+        shape fails."""
         expected = {n for n, _ in model.named_parameters()}
         saved = {t.split("/", 1)[1] for t in self.pieces if t.startswith("model/")}
         if saved - expected:
             raise CheckpointError(f"checkpoint {self.path} has tensors this model lacks, e.g. "
                                   f"'{sorted(saved - expected)[0]}' (a checkpoint of a different model)")
         rows = expert_rows(model)
-        return {name: self.read(f"model/{name}", p.shape, rows.get(name)) for name, p in model.named_parameters()}
+        shapes = {name: p.shape for name, p in model.named_parameters()}
+        return OnDemand(shapes, lambda name: self.read(f"model/{name}", shapes[name], rows.get(name)))
 
     def load_model(self, model: torch.nn.Module) -> None:
         with torch.no_grad():

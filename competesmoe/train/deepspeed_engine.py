@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Mapping
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -115,19 +117,22 @@ class DeepSpeedEngine:
         return all_finite([p for _, p in self.named], self.mesh)
 
     # -- state, by parameter name (collective: every rank calls these in the same order) --------
-    def param_tensors(self) -> dict[str, torch.Tensor]:
+    def param_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Each parameter's full fp32 master copy, gathered from the ZeRO partitions one at a time."""
         from deepspeed.utils import safe_get_full_fp32_param
 
-        return {name: safe_get_full_fp32_param(p) for name, p in self.named}
+        for name, p in self.named:
+            yield name, safe_get_full_fp32_param(p)
 
-    def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+    def state_tensors(self) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+        """Each parameter's full Adam moments, gathered one parameter at a time."""
         from deepspeed.utils import safe_get_full_optimizer_state
 
         if not self._optimizer_states_exist():
-            return {}
+            return
         self._link_optimizer_state()
-        return {name: {k: safe_get_full_optimizer_state(p, k) for k in ("exp_avg", "exp_avg_sq")}
-                for name, p in self.named}
+        for name, p in self.named:
+            yield name, {k: safe_get_full_optimizer_state(p, k) for k in ("exp_avg", "exp_avg_sq")}
 
     def scalar_state(self) -> dict:
         steps = [float(s["step"]) for s in self.optimizer.optimizer.state.values() if "step" in s]
@@ -143,7 +148,7 @@ class DeepSpeedEngine:
     def _optimizer_states_exist(self) -> bool:
         return all(flat in self.optimizer.optimizer.state for flat in self.optimizer.single_partition_of_fp32_groups)
 
-    def load_state(self, params: dict[str, torch.Tensor], states: dict[str, dict[str, torch.Tensor]],
+    def load_state(self, params: Mapping[str, torch.Tensor], states: Mapping[str, dict[str, torch.Tensor]],
                    scalars: dict) -> None:
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 

@@ -19,13 +19,17 @@ parameter the gradient of the mean loss over the global batch, as on one device.
 `DeepSpeedEngine` (train/deepspeed_engine.py) is DeepSpeed's ZeRO-1/2 optimizer.
 
 Optimizer state is exposed per parameter name (`state_tensors`), in the layout of the model's
-parameters, so checkpoints do not depend on how an engine stores it.
+parameters, so checkpoints do not depend on how an engine stores it. Both `param_tensors` and
+`state_tensors` yield one parameter at a time, in the same order on every rank (for DeepSpeed each
+item is a collective that gathers that parameter's full tensor), so that a checkpoint holds one
+parameter's state at a time, never the whole model's.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Iterator, Protocol
 
 import torch
 import torch.distributed as dist
@@ -57,13 +61,13 @@ class Engine(Protocol):
     def params_finite(self) -> bool:
         """Whether every parameter on every rank is finite. Collective."""
 
-    def param_tensors(self) -> dict[str, torch.Tensor]: ...
+    def param_tensors(self) -> Iterator[tuple[str, torch.Tensor]]: ...
 
-    def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]: ...
+    def state_tensors(self) -> Iterator[tuple[str, dict[str, torch.Tensor]]]: ...
 
     def scalar_state(self) -> dict: ...
 
-    def load_state(self, params: dict[str, torch.Tensor], states: dict[str, dict[str, torch.Tensor]],
+    def load_state(self, params: Mapping[str, torch.Tensor], states: Mapping[str, dict[str, torch.Tensor]],
                    scalars: dict) -> None: ...
 
 
@@ -160,20 +164,20 @@ class TorchEngine:
         return all_finite([p for _, p in self.named], self.mesh)
 
     # -- state, by parameter name -------------------------------------------------------------
-    def param_tensors(self) -> dict[str, torch.Tensor]:
-        return {name: p for name, p in self.named}
+    def param_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        yield from self.named
 
-    def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
-        out = {}
-        for p, state in self.optimizer.state.items():
-            out[self.name_of[id(p)]] = {k: v for k, v in state.items() if k in ("exp_avg", "exp_avg_sq")}
-        return out
+    def state_tensors(self) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+        for name, p in self.named:
+            state = self.optimizer.state.get(p)
+            if state:
+                yield name, {k: v for k, v in state.items() if k in ("exp_avg", "exp_avg_sq")}
 
     def scalar_state(self) -> dict:
         steps = {self.name_of[id(p)]: float(s["step"]) for p, s in self.optimizer.state.items()}
         return {"adam_step": max(steps.values()) if steps else 0.0}
 
-    def load_state(self, params: dict[str, torch.Tensor], states: dict[str, dict[str, torch.Tensor]],
+    def load_state(self, params: Mapping[str, torch.Tensor], states: Mapping[str, dict[str, torch.Tensor]],
                    scalars: dict) -> None:
         by_name = dict(self.named)
         with torch.no_grad():

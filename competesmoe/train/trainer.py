@@ -34,7 +34,7 @@ from competesmoe.model.moe.schedule import Schedule, schedule_for
 from competesmoe.model.transformer import Transformer
 from competesmoe.parallel.config import micro_batches
 from competesmoe.parallel.mesh import Mesh, init_mesh
-from competesmoe.parallel.parallelize import parallelize
+from competesmoe.parallel.parallelize import build_model
 from competesmoe.train.checkpoint import Checkpointer
 from competesmoe.train.engine import Engine, build_engine
 from competesmoe.train.metrics import LogWindow, MetricsWriter, peak_flops
@@ -105,10 +105,10 @@ def setup(cfg: Config) -> _Run:
                               f"data {resume.trainer['data_key']} then, {data.directory.name} now); use another "
                               "run.dir, or continue on the new data with run.allow_changes=[data]")
 
-    # Every rank builds the full model from the same seed; parallelize then keeps this rank's
-    # experts, so the initial weights do not depend on the layout.
-    torch.manual_seed(cfg.seed)
-    model = parallelize(Transformer(cfg.model), mesh, cfg.parallel)
+    # Each rank builds only its own part (dense weights, its experts), drawn from per-tensor
+    # generators of the seed: the initial weights do not depend on the layout.
+    torch.manual_seed(cfg.seed)  # for anything else that draws from torch's global generator
+    model = build_model(cfg.model, cfg.seed, mesh, cfg.parallel)
     run = _Run(
         cfg=cfg, mesh=mesh, run_dir=run_dir, data=data, model=model,
         engine=build_engine(model, cfg, mesh, n_micro),

@@ -27,14 +27,14 @@ if __name__ == "__main__":
     victim = min(1, int(os.environ.get("WORLD_SIZE", 1)) - 1)
 
     if mode == "during-save":
-        real_save_file = ckpt.save_file
+        real_close = ckpt.StreamingSafetensors.__exit__
 
-        def save_then_die(tensors, path, *args, **kwargs):
-            real_save_file(tensors, path, *args, **kwargs)
-            if f"step_{step:08d}.tmp" in str(path) and rank == victim:
+        def close_then_die(self, *exc):
+            real_close(self, *exc)  # the rank's shard is written in full
+            if f"step_{step:08d}.tmp" in str(self.path) and rank == victim:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        ckpt.save_file = save_then_die
+        ckpt.StreamingSafetensors.__exit__ = close_then_die
     elif mode == "after-save":
         real_save = ckpt.Checkpointer.save
 

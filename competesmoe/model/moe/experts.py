@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from competesmoe.errors import ConfigError
+from competesmoe.model.init import Stream, global_stream, normal_
 from competesmoe.kernels.spec import expert_flops_per_token, w1_columns  # noqa: F401 (re-exported)
 
 
@@ -46,14 +47,27 @@ class Experts(nn.Module):
                  out_init_std: float, first_expert: int = 0):
         super().__init__()
         self.num_experts, self.d_model, self.hidden, self.activation = num_experts, d_model, hidden, activation
-        self.first_expert = first_expert
+        self.first_expert, self.out_init_std = first_expert, out_init_std
         self.w1 = nn.Parameter(torch.empty(num_experts, d_model, w1_columns(hidden, activation)))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, d_model))
-        nn.init.normal_(self.w1, std=d_model ** -0.5)
-        nn.init.normal_(self.w2, std=out_init_std)
+        self.init_parameters(global_stream)
+
+    def init_parameters(self, stream: Stream) -> None:
+        """Expert by expert, each from the stream of its global id (the same whatever the shard);
+        from torch's global generator, one draw per tensor."""
+        if stream("w1") is None:
+            normal_(self.w1, self.d_model ** -0.5, None)
+            normal_(self.w2, self.out_init_std, None)
+            return
+        for j in range(self.num_experts):
+            normal_(self.w1[j], self.d_model ** -0.5, stream("w1", self.first_expert + j))
+            normal_(self.w2[j], self.out_init_std, stream("w2", self.first_expert + j))
 
     def shard(self, start: int, end: int) -> None:
-        """Keep only global experts [start, end) (expert parallelism)."""
+        """Keep only global experts [start, end) (expert parallelism). On the meta device this
+        costs nothing, which is how a rank builds only its own experts (model/init.py)."""
+        if (start, end) == (self.first_expert, self.first_expert + self.num_experts):
+            return
         self.w1 = nn.Parameter(self.w1.detach()[start - self.first_expert:end - self.first_expert].clone())
         self.w2 = nn.Parameter(self.w2.detach()[start - self.first_expert:end - self.first_expert].clone())
         self.num_experts, self.first_expert = end - start, start

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from competesmoe.model.config import MoEConfig
+from competesmoe.model.init import Stream, global_stream, normal_
 from competesmoe.model.moe import competition as comp
 from competesmoe.model.moe.dispatch import LocalDispatcher
 from competesmoe.model.moe.experts import (
@@ -59,11 +60,14 @@ class FeedForward(nn.Module):
 
     def __init__(self, d_model: int, hidden: int, activation: str, out_init_std: float):
         super().__init__()
-        self.activation = activation
+        self.activation, self.out_init_std = activation, out_init_std
         self.w1 = nn.Linear(d_model, w1_columns(hidden, activation), bias=False)
         self.w2 = nn.Linear(hidden, d_model, bias=False)
-        nn.init.normal_(self.w1.weight, std=d_model ** -0.5)
-        nn.init.normal_(self.w2.weight, std=out_init_std)
+        self.init_parameters(global_stream)
+
+    def init_parameters(self, stream: Stream) -> None:
+        normal_(self.w1.weight, self.w1.in_features ** -0.5, stream("w1.weight"))
+        normal_(self.w2.weight, self.out_init_std, stream("w2.weight"))
 
     def forward(self, x: Tensor, compete: bool = False) -> tuple[Tensor, None, None]:
         return self.w2(activate(self.w1(x), self.activation)), None, None

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from competesmoe.model.config import MoEConfig
+from competesmoe.model.init import Stream, global_stream, normal_, orthogonal_
 from competesmoe.model.moe.losses import upcast
 
 
@@ -34,9 +35,12 @@ class LinearRouter(nn.Module):
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, scoring: str, init_std: float):
         super().__init__()
-        self.top_k, self.scoring = top_k, scoring
+        self.top_k, self.scoring, self.init_std = top_k, scoring, init_std
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
-        nn.init.normal_(self.weight, std=init_std)
+        self.init_parameters(global_stream)
+
+    def init_parameters(self, stream: Stream) -> None:
+        normal_(self.weight, self.init_std, stream("weight"))
 
     def logits(self, x: Tensor) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):
@@ -59,10 +63,14 @@ class XMoERouter(nn.Module):
                  embedding_norm: float, init_std: float):
         super().__init__()
         self.top_k, self.temperature, self.embedding_norm = top_k, temperature, embedding_norm
+        self.init_std = init_std
         self.proj = nn.Parameter(torch.empty(dim, d_model))
         self.expert_embeddings = nn.Parameter(torch.empty(num_experts, dim))
-        nn.init.normal_(self.proj, std=init_std)
-        nn.init.orthogonal_(self.expert_embeddings, gain=0.32)
+        self.init_parameters(global_stream)
+
+    def init_parameters(self, stream: Stream) -> None:
+        normal_(self.proj, self.init_std, stream("proj"))
+        orthogonal_(self.expert_embeddings, 0.32, stream("expert_embeddings"))
 
     def logits(self, x: Tensor) -> Tensor:
         # The embeddings are projected back onto the sphere of radius embedding_norm before every
