@@ -293,8 +293,8 @@ def test_load_reads_one_parameter_state_at_a_time(tmp_path):
     from competesmoe.model.config import ModelConfig, MoEConfig
     from competesmoe.parallel.mesh import Mesh
     from competesmoe.train.checkpoint import Checkpointer
-    from competesmoe.train.engine import TorchEngine
     from competesmoe.train.config import TrainConfig
+    from competesmoe.train.engine import TorchEngine
 
     cfg = ModelConfig(vocab_size=32, d_model=8, n_layers=2, n_heads=2,
                       moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=8))

@@ -35,8 +35,8 @@ def test_data_section_measures_each_size_and_worker_count(tmp_path):
     markdown = out.with_suffix(".md").read_text()
     assert "tools/scale_benchmark.py data --sizes-mib 0.25 0.5" in markdown and markdown.count("\n| 0.") >= 8
     out.with_suffix(".md").unlink()
-    subprocess.run([sys.executable, str(ROOT / "tools" / "scale_benchmark.py"), "data-report", str(out.with_suffix(".json"))],
-                   check=True, timeout=60)
+    subprocess.run([sys.executable, str(ROOT / "tools" / "scale_benchmark.py"), "data-report",
+                    str(out.with_suffix(".json"))], check=True, timeout=60)
     assert out.with_suffix(".md").read_text() == markdown
 
 

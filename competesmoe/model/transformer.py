@@ -174,8 +174,8 @@ class Transformer(nn.Module):
         config's expert counts so that an expert-parallel shard reports the full model too."""
         expert_tensors = {id(t) for layer in self.moe_layers for t in (layer.experts.w1, layer.experts.w2)}
         dense = sum(p.numel() for p in self.parameters() if id(p) not in expert_tensors)
-        per_expert = sum((l.experts.w1.numel() + l.experts.w2.numel()) // l.experts.num_experts
-                         for l in self.moe_layers)
+        per_expert = sum((layer.experts.w1.numel() + layer.experts.w2.numel()) // layer.experts.num_experts
+                         for layer in self.moe_layers)
         moe = self.cfg.moe
         return {"total": dense + per_expert * moe.num_experts, "active": dense + per_expert * moe.top_k}
 
@@ -191,7 +191,8 @@ class Transformer(nn.Module):
                 ffn += cfg.moe.top_k * expert_flops_per_token(cfg.d_model, cfg.moe.expert_hidden, cfg.moe.activation)
                 ffn += 2 * cfg.d_model * cfg.moe.num_experts  # router
                 if block.ffn.shared is not None:
-                    ffn += cfg.moe.num_shared_experts * expert_flops_per_token(cfg.d_model, cfg.moe.expert_hidden, cfg.moe.activation)
+                    ffn += cfg.moe.num_shared_experts * expert_flops_per_token(cfg.d_model, cfg.moe.expert_hidden,
+                                                                               cfg.moe.activation)
             else:
                 ffn += cfg.moe.top_k * expert_flops_per_token(cfg.d_model, cfg.moe.expert_hidden, cfg.moe.activation)
         forward = cfg.n_layers * per_layer + ffn + 2 * cfg.d_model * cfg.vocab_size

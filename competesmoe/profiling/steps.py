@@ -36,7 +36,8 @@ def _variant(cfg: Config, name: str) -> Config:
         moe = dataclasses.replace(moe, router="smoe")
     else:
         mode = "always" if name == "forced" else "schedule"
-        moe = dataclasses.replace(moe, router="competesmoe", competition=dataclasses.replace(moe.competition, mode=mode))
+        competition = dataclasses.replace(moe.competition, mode=mode)
+        moe = dataclasses.replace(moe, router="competesmoe", competition=competition)
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe=moe))
 
 
@@ -96,10 +97,12 @@ def profile_training_steps(cfg: Config, device: torch.device, warmup: int = 3, s
         r["measured_ratio"] = r["step_s"] / base["step_s"]
         r["flop_ratio"] = (r["model_flops"] + r["competition_flops"]) / base["model_flops"]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    tokens = (cfg.train.micro_batch or cfg.train.global_batch) * cfg.train.seq_len
     print(f"{where}: d={cfg.model.d_model}, layers={cfg.model.n_layers}, E={cfg.model.moe.num_experts}, "
-          f"K={cfg.model.moe.top_k}, tokens/step={(cfg.train.micro_batch or cfg.train.global_batch) * cfg.train.seq_len}, "
+          f"K={cfg.model.moe.top_k}, tokens/step={tokens}, "
           f"omega={cfg.model.moe.competition.omega}, A_max={cfg.model.moe.competition.a_max}")
-    print(f"{'variant':12s} {'step ms':>9s} {'competing layers/step':>22s} {'measured / SMoE':>16s} {'FLOPs predict':>14s}")
+    print(f"{'variant':12s} {'step ms':>9s} {'competing layers/step':>22s} {'measured / SMoE':>16s} "
+          f"{'FLOPs predict':>14s}")
     for r in rows:
         print(f"{r['variant']:12s} {r['step_s'] * 1e3:9.1f} {r['competing_layers']:22.2f} "
               f"{r['measured_ratio']:16.3f} {r['flop_ratio']:14.3f}")

@@ -209,8 +209,8 @@ def _summary(record: dict, total_steps: int) -> str:
 def _divergence(run: _Run, what: str) -> DivergenceError:
     latest = run.checkpointer.latest()
     if latest:
-        where = (f"the last good checkpoint is {latest}: rerunning resumes from it; to resume with a lower train.lr add "
-                 "run.allow_changes=[train.lr]")
+        where = (f"the last good checkpoint is {latest}: rerunning resumes from it; to resume with a lower "
+                 "train.lr add run.allow_changes=[train.lr]")
     else:
         where = "no checkpoint was written yet: start again with a lower train.lr or more train.warmup_steps"
     return DivergenceError(f"{what}; {where}. See the README's 'When things go wrong'")

@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from competesmoe.errors import ConfigError
-from competesmoe.model.init import Stream, global_stream, normal_
 from competesmoe.kernels.spec import expert_flops_per_token, w1_columns  # noqa: F401 (re-exported)
+from competesmoe.model.init import Stream, global_stream, normal_
 
 
 def activate(h: Tensor, activation: str) -> Tensor:
@@ -74,7 +74,8 @@ class Experts(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts} (global ids {self.first_expert}.."
-                f"{self.first_expert + self.num_experts - 1}), d={self.d_model}, h={self.hidden}, act={self.activation}")
+                f"{self.first_expert + self.num_experts - 1}), d={self.d_model}, h={self.hidden}, "
+                f"act={self.activation}")
 
 
 class ExpertBackend(Protocol):
@@ -88,7 +89,8 @@ class ExpertBackend(Protocol):
 def grouped_mm_supported(x: Tensor, w: Tensor) -> bool:
     """torch's grouped_mm takes fp32/fp16/bf16 with 16-byte aligned rows on CPU, bf16 on CUDA."""
     if x.device.type == "cuda":
-        return x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+        return (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16
+                and torch.cuda.get_device_capability(x.device)[0] >= 9)
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or w.dtype != x.dtype:
         return False
     align = 16 // x.element_size()
