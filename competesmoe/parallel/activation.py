@@ -63,7 +63,8 @@ def apply_activation_checkpointing(model: nn.Module, parallel: ParallelConfig) -
 def apply_compile(model: nn.Module) -> None:
     """torch.compile each transformer block. The MoE layer breaks the graph where its shapes
     depend on the routing: the per-expert row counts become host integers (grouped_matmul's
-    padding, the all-to-all split sizes under expert parallelism), so dynamo compiles the dense
+    padding, the all-to-all split sizes under expert parallelism), and in fp32/fp16 the grouped
+    matmul itself runs eagerly (experts.py: `_eager_grouped_mm`), so dynamo compiles the dense
     parts around them (attention, norms, the router's logits, the combine) and runs the rest
     eagerly."""
     for block in model.blocks:

@@ -113,9 +113,19 @@ def _padded_grouped_mm(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
     return torch.bmm(padded, w)[group, row]
 
 
+@torch.compiler.disable
+def _eager_grouped_mm(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
+    # torch's fake-tensor kernel of grouped_mm (what torch.compile traces with) accepts only bf16,
+    # CUDA's rule, while the CPU kernel also takes fp32/fp16: in those dtypes the call cannot be
+    # traced, so it runs eagerly (a graph break in a compiled block).
+    return F.grouped_mm(x, w, offs=offsets)
+
+
 def grouped_matmul(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
     """out[rows of group e] = x[rows of group e] @ w[e]; rows are grouped by `offsets`."""
     if grouped_mm_supported(x, w):
+        if x.dtype != torch.bfloat16:
+            return _eager_grouped_mm(x, w, offsets)
         return F.grouped_mm(x, w, offs=offsets)
     return _padded_grouped_mm(x, w, offsets)
 
