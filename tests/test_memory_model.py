@@ -58,7 +58,7 @@ def test_activation_bytes_per_checkpointing_choice_by_hand():
     for choice, per_token in want.items():
         assert activation_bytes(cfg, 100, choice) == 100 * (per_token + logits) * 4, choice
     assert activation_bytes(cfg, 100, "none", dtype_bytes=2) == 100 * (want["none"] + logits) * 2
-    # every second block checkpointed: blocks 1 and 3
+    # every second block checkpointed: blocks 0 and 2, as parallel/activation.py chooses them
     assert activation_bytes(cfg, 100, "full", every=2) == 100 * (2 * (attention + ffn) + 2 * 8 + attention + ffn
                                                                  + logits) * 4
     # a competition step adds 4E per token per MoE layer and one chunk of experts' outputs (fp32)

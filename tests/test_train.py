@@ -181,3 +181,14 @@ def test_adaptive_budget_stop_and_resume_continues_exactly(corpus, tmp_path, mon
     estimates = full[30][2]["agreement_estimate"]
     assert all(a is not None for a in estimates)  # both layers were measured and fed back
     assert full[30][2]["rates"] != full[1][2]["rates"]  # and the rates moved with them
+
+
+def test_gradients_reduce_in_bounded_buckets_in_order():
+    import torch
+
+    from competesmoe.train.engine import _buckets
+
+    tensors = [torch.zeros(n) for n in (10, 20, 5, 40, 1, 1)]  # fp32: 40, 80, 20, 160, 4, 4 bytes
+    buckets = list(_buckets(tensors, 100))
+    assert [[t.numel() for t in b] for b in buckets] == [[10], [20, 5], [40], [1, 1]]
+    assert [t for b in buckets for t in b] == tensors  # every tensor once, in order

@@ -112,7 +112,7 @@ def activation_bytes(cfg: ModelConfig, tokens: int, checkpointing: str = "none",
         ffn = moe_ffn if cfg.is_moe_layer(layer) else dense_ffn
         if compete and cfg.is_moe_layer(layer):
             ffn += 4 * E
-        choice = checkpointing if layer % every == every - 1 else "none"
+        choice = checkpointing if layer % every == 0 else "none"  # blocks 0, k, 2k, ... (parallel/activation.py)
         parts = {"none": (attention + ffn, 0.0), "full": (d, attention + ffn),
                  "attn": (d + ffn, attention), "ffn": (attention + d, ffn)}[choice]
         kept += parts[0]
