@@ -8,6 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
+from competesmoe.config import load_config
+from competesmoe.errors import CheckpointError
+from competesmoe.export.ckpt_cli import main as ckpt_main
+from competesmoe.train.checkpoint import CheckpointReader, load_for_inference, resolve_checkpoint
+from competesmoe.train.trainer import train
+
 from runs import (
     MULTIPROCESS_ADAM_EPS,
     assert_follows_reference,
@@ -16,13 +24,6 @@ from runs import (
     overrides,
     train_losses,
 )
-from safetensors.torch import load_file
-
-from competesmoe.config import load_config
-from competesmoe.errors import CheckpointError
-from competesmoe.export.ckpt_cli import main as ckpt_main
-from competesmoe.train.checkpoint import CheckpointReader, load_for_inference, resolve_checkpoint
-from competesmoe.train.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "smoke.yaml"

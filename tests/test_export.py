@@ -17,7 +17,6 @@ import pytest
 import torch
 
 pytest.importorskip("transformers", reason="transformers is in the dev extra: pip install -e '.[dev]'")
-from runs import overrides  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from competesmoe.config import load_config  # noqa: E402
@@ -31,6 +30,8 @@ from competesmoe.model.generate import generate  # noqa: E402
 from competesmoe.model.transformer import Transformer  # noqa: E402
 from competesmoe.train.checkpoint import load_for_inference  # noqa: E402
 from competesmoe.train.trainer import train  # noqa: E402
+
+from runs import overrides  # noqa: E402
 
 SEQ_LEN = 128
 TEXTS = [

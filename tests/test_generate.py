@@ -6,7 +6,6 @@ import sys
 
 import pytest
 import torch
-from runs import overrides
 
 from competesmoe.config import load_config
 from competesmoe.eval.generate_cli import main as generate_main
@@ -15,6 +14,8 @@ from competesmoe.model.generate import Sampling, generate, top_p_filter
 from competesmoe.model.kv_cache import KVCache
 from competesmoe.model.transformer import Transformer
 from competesmoe.train.trainer import train
+
+from runs import overrides
 
 VOCAB = 61
 

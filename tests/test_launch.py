@@ -12,6 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+
+from competesmoe.config import load_config
+from competesmoe.launcher.cli import array_indices, main, read_sweep
+from competesmoe.train.trainer import REQUEUE_EXIT_CODE
+
 from runs import (
     MULTIPROCESS_ADAM_EPS,
     assert_follows_reference,
@@ -20,10 +25,6 @@ from runs import (
     overrides,
     train_losses,
 )
-
-from competesmoe.config import load_config
-from competesmoe.launcher.cli import array_indices, main, read_sweep
-from competesmoe.train.trainer import REQUEUE_EXIT_CODE
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "smoke.yaml"

@@ -2,12 +2,13 @@
 import dataclasses
 
 import pytest
-import reference as ref
 import torch
 
 from competesmoe.model.config import CompetitionConfig, MoEConfig
 from competesmoe.model.moe.experts import TorchBackend, grouped_matmul
 from competesmoe.model.moe.layer import MoELayer
+
+import reference as ref
 
 D, H, B, N = 8, 6, 2, 5
 F64 = dict(rtol=1e-9, atol=1e-11)  # float64 against float64: only rounding differs

@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from runs import overrides, train_losses
 
 from competesmoe.config import load_config
 from competesmoe.errors import ConfigError
@@ -14,6 +13,8 @@ from competesmoe.parallel.exchange import ExchangePolicy, ExchangeShape
 from competesmoe.parallel.mesh import Mesh
 from competesmoe.train.cli import main as train_main
 from competesmoe.train.trainer import train
+
+from runs import overrides, train_losses
 
 ROOT = Path(__file__).resolve().parent.parent
 

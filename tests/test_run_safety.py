@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import overrides, train_losses
 
 from competesmoe.config import load_config
 from competesmoe.errors import ConfigError
@@ -20,6 +19,8 @@ from competesmoe.train.checkpoint import CheckpointReader, resolve_checkpoint
 from competesmoe.train.cli import main as train_main
 from competesmoe.train.metrics import strict_json
 from competesmoe.train.signals import REQUEUE_EXIT_CODE
+
+from runs import overrides, train_losses
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "smoke.yaml"

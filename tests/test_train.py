@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from runs import assert_same_weights, final_weights, overrides, read_metrics, train_losses
 
 from competesmoe.config import load_config
 from competesmoe.train.cli import main as train_main
 from competesmoe.train.trainer import REQUEUE_EXIT_CODE, train
+
+from runs import assert_same_weights, final_weights, overrides, read_metrics, train_losses
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "smoke.yaml"

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from reference_train import initial_model
-from runs import MULTIPROCESS_ADAM_EPS, assert_follows_reference, overrides
 
 from competesmoe.config import load_config
 from competesmoe.model.config import ROUTERS
 from competesmoe.train.trainer import train
+
+from reference_train import initial_model
+from runs import MULTIPROCESS_ADAM_EPS, assert_follows_reference, overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "smoke.yaml"

@@ -245,8 +245,7 @@ class Checkpointer:
         rows = expert_rows(model)
         index: dict[str, dict] = {}
         file_name = f"rank{mesh.rank:05d}.safetensors"
-        shapes = dict(model.named_parameters())
-        owned = [name for name in shapes if _owned(name, rows, mesh)]
+        owned = [name for name, _ in model.named_parameters() if _owned(name, rows, mesh)]
         path = tmp / file_name
         # Streamed tensor by tensor: the engine gathers one parameter's state at a time (a
         # collective under ZeRO: every rank walks every parameter, keeping only what it owns),
@@ -318,11 +317,11 @@ class Checkpointer:
         commit record."""
         params = reader.model_tensors(model)
         rows = expert_rows(model)
-        shapes = dict(model.named_parameters())
+        shapes = {name: p.shape for name, p in model.named_parameters()}
         with_state = [name for name in shapes if reader.has(f"optim.exp_avg/{name}")]
         # read when the engine asks for a parameter's moments, so it holds one parameter's at a time
         optim_state = OnDemand(with_state, lambda name: {
-            k: reader.read(f"optim.{k}/{name}", shapes[name].shape, rows.get(name))
+            k: reader.read(f"optim.{k}/{name}", shapes[name], rows.get(name))
             for k in ("exp_avg", "exp_avg_sq") if reader.has(f"optim.{k}/{name}")})
         engine.load_state(params, optim_state, reader.trainer["optimizer"])
         # RNG states are per rank: a resharded run (another rank count) keeps its fresh ones.
