@@ -64,6 +64,22 @@ def stat_values(stats) -> list:
     return values
 
 
+def assert_same_stats(stats, want, where: str) -> None:
+    """The same statistics, each value to 1e-12 like the losses: a float64 reduction may round
+    its last bit differently when its operands sit at another alignment (xmoe's balance loss
+    did, by 1 ulp, depending on what had run before)."""
+    got, expected = stat_values(stats), stat_values(want)
+    assert len(got) == len(expected), where
+    for g, e in zip(got, expected):
+        if not isinstance(g, tuple):
+            assert g == e, where
+            continue
+        assert g[0] == e[0], where
+        a, b = (list(g[1].values()), list(e[1].values())) if isinstance(g[1], dict) else (g[1], e[1])
+        assert (g[1].keys() == e[1].keys()) if isinstance(g[1], dict) else len(a) == len(b), (where, g[0])
+        assert max((abs(x - y) for x, y in zip(a, b)), default=0.0) <= 1e-12, (where, g, e)
+
+
 @pytest.mark.parametrize("router", ROUTERS)
 def test_checkpointed_gradients_equal_the_plain_model_in_float64(router):
     plain = model_of(router)
@@ -82,7 +98,7 @@ def test_checkpointed_gradients_equal_the_plain_model_in_float64(router):
             assert grads.keys() == want_grads.keys(), where
             for name, g in grads.items():
                 torch.testing.assert_close(g, want_grads[name], rtol=0, atol=1e-12, msg=f"{where}: {name}")
-            assert stat_values(stats) == stat_values(want_stats), where
+            assert_same_stats(stats, want_stats, where)
 
 
 def test_checkpointing_keeps_less_for_backward_and_names_the_same_tensors():
@@ -127,7 +143,8 @@ def test_train_step_with_checkpointing_updates_the_same_weights():
         torch.testing.assert_close(out.loss, want.loss, rtol=0, atol=1e-12, msg=choice)
         torch.testing.assert_close(out.aux_loss, want.aux_loss, rtol=0, atol=1e-12, msg=choice)
         assert abs(out.grad_norm - want.grad_norm) <= 1e-12, choice
-        assert [stat_values(s) for s in out.moe_stats] == [stat_values(s) for s in want.moe_stats], choice
+        for got, expected in zip(out.moe_stats, want.moe_stats, strict=True):
+            assert_same_stats(got, expected, choice)
         for name, p in params.items():
             torch.testing.assert_close(p, want_params[name], rtol=0, atol=1e-12, msg=f"{choice}: {name}")
 

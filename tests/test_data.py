@@ -8,6 +8,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -827,6 +828,35 @@ def test_peak_memory_does_not_grow_with_the_corpus(tmp_path, workers):
     # (the text of the big document grows by 3.6 MB, its tokens by 1.2M) to 150 MiB (sentencepiece
     # encoding the big document at once); what is bounded by the piece and task sizes adds nothing.
     assert peaks[4] <= peaks[1] + 8, peaks
+
+
+@pytest.mark.timeout(300)
+def test_a_build_killed_outright_is_cleaned_up_by_the_next(tmp_path):
+    """SIGKILL leaves the build's partial directory behind (nothing can run in the dying process);
+    the next preparation of the same data on this host removes it, and says so."""
+    corpus_dir = tmp_path / "corpus"
+    write_scaled_corpus(corpus_dir, small_docs=2000, big_doc_lines=8000)
+    cache = tmp_path / "cache"
+    args = [sys.executable, "-m", "competesmoe.data", *cli_args(corpus_dir, cache, "data.workers=2")]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in proc.stderr:
+        if line.startswith("data: tokenizing ") and line.rstrip().endswith("worker processes"):
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    left = [p.name for p in cache.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".partial-"), left
+    # a partial directory of a build still running, and one of another host, are not touched
+    prefix = ".partial-" + left[0].split("-")[1]  # and the cache key
+    assert left[0].startswith(f"{prefix}-{socket.gethostname()}-{proc.pid}-")
+    (cache / f"{prefix}-{socket.gethostname()}-{os.getpid()}-0000").mkdir()
+    (cache / f"{prefix}-otherhost-1-0000").mkdir()
+    done = subprocess.run(args, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    assert f"data: removing {cache / left[0]}, left by a build that was killed" in done.stderr
+    remaining = sorted(p.name for p in cache.iterdir())
+    assert len(remaining) == 3 and left[0] not in remaining
+    assert sum(not name.startswith(".partial-") for name in remaining) == 1  # the prepared data
 
 
 @pytest.mark.timeout(300)

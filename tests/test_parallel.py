@@ -14,7 +14,7 @@ from competesmoe.parallel.mesh import Mesh
 from competesmoe.train.cli import main as train_main
 from competesmoe.train.trainer import train
 
-from runs import overrides, train_losses
+from runs import overrides, read_metrics, train_losses
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,6 +76,9 @@ def test_dp2_ep2_training_matches_single_process(zero_stage, exchange, corpus, s
     diffs = [abs(losses[s] - reference[s]) for s in sorted(reference)]
     assert max(diffs[:4]) < 1e-5 and max(diffs) < 5e-3, diffs
     assert reference[24] < reference[1] - 0.5  # the runs learn, so the comparison is not trivial
+    # the log lines say which exchange the competing layers took
+    logged = {f for r in read_metrics(tmp_path / "run") if "routing" in r for f in r["routing"]["weight_exchange"]}
+    assert logged - {None} == {1.0 if exchange == "weights" else 0.0}, logged
 
 
 def test_layouts_that_do_not_divide_fail_clearly():

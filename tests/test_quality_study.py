@@ -131,3 +131,18 @@ def test_group_figures(tmp_path, capsys):
         assert png.read_bytes()[:8] == PNG_SIGNATURE and png.stat().st_size > 20_000
     with pytest.raises(SystemExit):
         plot_main(["--out", str(tmp_path), "--group", "lonely"])
+
+
+def test_difference_panel_shows_each_group_whole(tmp_path, monkeypatch):
+    """The third panel's range holds every group's difference to the first group, band included
+    (it used to be fitted to the stds alone, which cut off a group further away than its std)."""
+    from competesmoe.eval import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    groups = {arm: [synthetic_metrics(loss + 0.002 * seed) for seed in range(2)]
+              for arm, loss in (("smoe", 5.0), ("competesmoe", 5.3))}
+    plots.plot_group_losses(groups, tmp_path / "groups_loss.png")
+    low, high = figures[0].axes[2].get_ylim()
+    # competesmoe's difference is 0.3 (its seeds' std about 0.0014); smoe's is 0
+    assert low <= 0.0 and high >= 0.3 + 0.0014

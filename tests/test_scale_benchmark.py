@@ -11,6 +11,40 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+FORK_THEN_EXEC = """
+import os, subprocess, sys, time
+held = bytearray(300 << 20)  # the root's pages: a forked copy shares them until it execs
+pid = os.fork()
+if pid == 0:  # a copy that never execs: its RSS is the root's, none of it its own
+    time.sleep(2.0)
+    os._exit(0)
+worker = subprocess.Popen([sys.executable, "-c", "x = bytearray(60 << 20); import time; time.sleep(1.5)"])
+worker.wait()
+os.waitpid(pid, 0)
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads peak RSS (VmHWM) from /proc")
+def test_tree_sampler_counts_workers_from_their_exec(tmp_path):
+    """Data workers start by fork then exec: before the exec a worker's RSS is the parent's shared
+    pages (the 4- and 8-worker runs once reported the parent's 164 MiB as a worker's peak)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        from scale_benchmark import TreeSampler
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    root = subprocess.Popen([sys.executable, "-c", FORK_THEN_EXEC])
+    sampler = TreeSampler(root.pid, interval=0.02)
+    sampler.start()
+    assert root.wait(timeout=30) == 0
+    sampler.stop.set()
+    sampler.join()
+    peaks = sorted(sampler.descendant_peaks.values())
+    assert peaks and 60 <= peaks[-1] < 150, peaks  # the exec'd worker's 60 MiB, not the root's 300
+    assert max(rss for _, rss in sampler.samples) / 2**20 < 300 + 150  # no shared page counted twice
+
+
 @pytest.mark.timeout(600)
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads peak RSS (VmHWM) from /proc")
 def test_data_section_measures_each_size_and_worker_count(tmp_path):

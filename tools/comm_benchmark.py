@@ -123,7 +123,7 @@ def counted_traffic():
 def competing_layer(dispatcher: AllToAllDispatcher, x, w1, w2, top_k: int):
     """The communication of one competing layer, as MoELayer runs it, with stand-in expert math:
     each expert's 'response' to a row is the row's dot product with a vector of its weights."""
-    local, w1, w2 = dispatcher.for_competition(x, w1, w2, top_k)
+    local, w1, w2, _ = dispatcher.for_competition(x, w1, w2, top_k)
     probe = w1.sum(-1) + w2.sum(1)  # [experts, d]: keeps both weight tensors in the graph
     s = local.scores(x, lambda rows: rows @ probe.t())
     winners = s.topk(top_k, dim=-1).indices

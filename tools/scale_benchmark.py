@@ -183,13 +183,14 @@ def peak_rss_mib(pid: "int | str" = "self") -> Optional[float]:
 
 class TreeSampler(threading.Thread):
     """Every `interval` seconds: the summed RSS of a process and all its descendants, and each
-    descendant's peak RSS (the last VmHWM read before it exits)."""
+    descendant's peak RSS (the last VmHWM read before it exits); a descendant counts from its exec."""
 
     def __init__(self, pid: int, interval: float = 0.05):
         super().__init__(daemon=True)
         import psutil
 
         self.root = psutil.Process(pid)
+        self.root_cmdline = self.root.cmdline()
         self.interval = interval
         self.samples: List[tuple] = []
         self.descendant_peaks: Dict[int, float] = {}
@@ -206,6 +207,10 @@ class TreeSampler(threading.Thread):
                 break
             for proc in [self.root] + children:
                 try:
+                    # A worker is started by fork then exec ("spawn"): until the exec it is a copy
+                    # of the root sharing all its pages, whose RSS (and VmHWM) is the root's.
+                    if proc is not self.root and proc.cmdline() == self.root_cmdline:
+                        continue
                     total += proc.memory_info().rss
                 except psutil.Error:
                     continue

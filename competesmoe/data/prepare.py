@@ -21,6 +21,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import time
 from array import array
 from dataclasses import dataclass, field
@@ -193,6 +194,32 @@ def _publish(tmp: Path, final: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _partial_prefix(final: Path) -> str:
+    return f".partial-{final.name}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_dead_builds(final: Path, log: Log) -> None:
+    """Remove what builds of `final` on this host left when they were killed outright (SIGKILL,
+    out of memory, a lost node): a build that ends in any other way removes its own. A build on
+    another host of a shared cache, or one whose process still runs, is left alone."""
+    host = socket.gethostname()
+    for path in final.parent.glob(_partial_prefix(final) + "*"):
+        owner = path.name[len(_partial_prefix(final)):].rsplit("-", 2)  # host, pid, random
+        if len(owner) == 3 and owner[0] == host and owner[1].isdigit() and not _alive(int(owner[1])):
+            log(f"data: removing {path}, left by a build that was killed (pid {owner[1]})")
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def prepare_data(cfg: DataConfig, log: Log = print) -> PreparedData:
     """Tokenize the configured sources into verified shards, or reuse them if already prepared."""
     start = time.monotonic()
@@ -208,8 +235,9 @@ def prepare_data(cfg: DataConfig, log: Log = print) -> PreparedData:
         shutil.rmtree(final)
 
     cache_dir.mkdir(parents=True, exist_ok=True)
+    _remove_dead_builds(final, log)
     # Not tempfile.mkdtemp: its 0700 mode would stick to the published directory of a shared cache.
-    tmp = cache_dir / f".partial-{final.name}-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = cache_dir / f"{_partial_prefix(final)}{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
         _build(corpus, cfg, fingerprint, tmp, log)

@@ -188,7 +188,7 @@ def _zoom_to_late_training(ax, bands: Sequence[tuple[np.ndarray, np.ndarray, np.
 def plot_group_losses(groups: dict[str, list[list[dict]]], path: Path) -> Path:
     fig = Figure(figsize=(16, 4.5))
     step_ax, flops_ax, diff_ax = fig.subplots(1, 3)
-    step_bands, flop_bands, reference = [], [], None
+    step_bands, flop_bands, diff_bands, reference = [], [], [], None
     for i, (name, runs) in enumerate(groups.items()):
         vals = [curves.val_curve(r) for r in runs]
         steps, mean, std = curves.band(vals)
@@ -203,10 +203,11 @@ def plot_group_losses(groups: dict[str, list[list[dict]]], path: Path) -> Path:
             reference = (steps, mean)
         shared = np.isin(steps, reference[0])
         base = reference[1][np.isin(reference[0], steps)]
-        _draw_band(diff_ax, steps[shared], mean[shared] - base, std[shared], name, color)
+        diff_bands.append((steps[shared], mean[shared] - base, std[shared]))
+        _draw_band(diff_ax, *diff_bands[-1], name, color)
     _zoom_to_late_training(step_ax, step_bands)
     _zoom_to_late_training(flops_ax, flop_bands)
-    _zoom_to_late_training(diff_ax, [(x, m - m, s) for x, m, s in step_bands])
+    _zoom_to_late_training(diff_ax, diff_bands)
     step_ax.set_xlabel("step")
     flops_ax.set_xlabel("training FLOPs (competition included)")
     diff_ax.set_xlabel("step")

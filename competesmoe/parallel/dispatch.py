@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from competesmoe.model.moe.dispatch import Dispatched, LocalDispatcher, sort_by_expert
+from competesmoe.model.moe.dispatch import Dispatched, LocalDispatcher, permute_rows, sort_by_expert, unpermute_rows
 from competesmoe.parallel.exchange import ExchangePolicy, ExchangeShape
 
 
@@ -124,24 +124,23 @@ class AllToAllDispatcher:
         expert_of_row = torch.repeat_interleave(torch.arange(self.local).repeat(self.ep), recv_matrix.reshape(-1))
         regroup = torch.argsort(expert_of_row, stable=True).to(x.device)
         offsets = recv_matrix.sum(0).cumsum(0).to(torch.int32).to(x.device)
-        return Dispatched(rows[regroup], offsets, order, x.shape[0], top_k, exchange=(send, recv, regroup))
+        return Dispatched(permute_rows(rows, regroup), offsets, order, x.shape[0], top_k,
+                          exchange=(send, recv, regroup))
 
     def combine(self, y: Tensor, dispatched: Dispatched) -> Tensor:
         send, recv, regroup = dispatched.exchange
-        by_source = y.new_empty(y.shape).index_copy(0, regroup, y)
-        back = all_to_all(by_source, send, recv, self.group)
-        out = back.new_empty(back.shape).index_copy(0, dispatched.order, back)
-        return out.view(dispatched.num_tokens, dispatched.top_k, -1)
+        back = all_to_all(unpermute_rows(y, regroup), send, recv, self.group)
+        return unpermute_rows(back, dispatched.order).view(dispatched.num_tokens, dispatched.top_k, -1)
 
     def for_competition(self, x: Tensor, w1: Tensor, w2: Tensor, top_k: int):
-        """The dispatcher and expert weights a competing forward runs with: this dispatcher and
-        the local experts (token exchange), or a local dispatcher and all E experts' weights
-        gathered from the group (weight exchange)."""
+        """The dispatcher and expert weights a competing forward runs with, and the exchange's
+        name: this dispatcher and the local experts (tokens), or a local dispatcher and all E
+        experts' weights gathered from the group (weights)."""
         if self.exchange(x, w1, w2, top_k) == "tokens":
-            return self, w1, w2
+            return self, w1, w2, "tokens"
         dtype = compute_dtype(x, w1)
         return (LocalDispatcher(self.num_experts), gather_shards(w1, dtype, self.group),
-                gather_shards(w2, dtype, self.group))
+                gather_shards(w2, dtype, self.group), "weights")
 
     def exchange(self, x: Tensor, w1: Tensor, w2: Tensor, top_k: int) -> str:
         """`tokens` or `weights` for a competing forward of x through the local experts (w1, w2).

@@ -12,22 +12,33 @@ edp = world / ep (of each expert shard); the rank holds P = P_d + P_e / ep param
                                                              copy (4) and Adam's two moments (8)
 
 Activations: what autograd keeps, per token of a micro-batch, in elements (times the activation
-dtype's bytes: 4 in fp32, ~2 under bf16 autocast), per layer, counted from the block's code
-(d model width, i = heads x head_dim, K experts per token, h1 the first expert matrix's columns,
-h its hidden width, E experts):
-  attention  2d + 7i   norm input and output, q k v, rotated q k, attention output, its reshape
-  MoE FFN    2d + K (3d + h1 + h) + 3E    norm input and output; per (token, slot) the gathered
-             input, expert hidden before and after the activation, expert output and its weighted
-             copy; router logits, probabilities and the balance loss's
-  a competing MoE layer adds the scores s [T, E] and their three softmax/mean relatives (4E), and
-  while one chunk of experts is recomputed at most TorchBackend.score_chunk_bytes (256 MiB).
+dtype's bytes: 4 in fp32, ~2 under bf16 autocast), per layer, counted from the block's code and
+checked against autograd's saved tensors (tests/test_memory_model.py) (d model width, i = heads x
+head_dim, K experts per token, h the experts' hidden width, E experts; k(h) the hidden layer's
+kept elements: h for relu, whose saved output is also the second matmul's input, 2h for gelu and
+silu, input and output, 4h for swiglu, gate and up, silu(gate) and their product):
+  attention  2d + 7i         norm input and output, q k v, rotated q k, attention output, its reshape
+  MoE FFN    2d + K (2d + k(h)) + 3E    norm input and output; per (token, slot) the gathered
+             input, the hidden layer, the combined output (kept for the routing weights'
+             gradient; the expert outputs themselves are put back in token order by a permutation
+             that keeps only its indices); router logits, probabilities and the balance loss's
+  dense FFN  2d + k(K h)     norm input and output, the hidden layer
+A competing MoE layer adds the scores s [T, E] and their three softmax/mean relatives (4E), the
+diversity loss's unit-normalised winner outputs (K d); under expert parallelism with the token
+exchange the group's gathered tokens (ep d: the chunked scoring recomputes from them), with the
+weight exchange all E experts' gathered weights per layer, E (d h1 + h d) elements (h1 = h, 2h for
+swiglu); and while one chunk of experts is recomputed at most TorchBackend.score_chunk_bytes
+(256 MiB, fp32).
 Checkpointing keeps for a recomputed part only its input (d per token), and during the backward
 one layer's recomputed activations are alive again:
   none  L (A + F)           full  L d + (A + F)
   attn  L (d + F) + A       ffn   L (A + d) + F
-(A attention, F the MoE FFN per token). The output layer adds 2 V per token (logits and their
-float softmax). The model ignores what does not grow with the model: the runtime and allocator
-(measured growth is taken from a baseline after start-up), and transient buffers of collectives.
+(A attention, F the FFN per token). The output adds the final norm's input and output (2d) and
+the loss's log-probabilities, V in fp32 whatever the activation dtype. Under expert parallelism a
+rank's experts receive T K rows on average; the rank that receives most holds more (measured
+1.12x on a competing step of 64 experts at ep 2, the winners not being balanced). The model
+ignores what does not grow with the model: the runtime and allocator (measured growth is taken
+from a baseline after start-up), index vectors, and transient buffers of collectives.
 """
 from __future__ import annotations
 
@@ -87,52 +98,73 @@ def state_bytes(counts: ParamCounts, layout: Layout) -> dict[str, float]:
     return {"weights": weights, "gradients": grads, "optimizer": 12 * partition}
 
 
+def _kept_hidden(hidden: int, activation: str) -> int:
+    """Elements autograd keeps per row of an MLP's hidden layer: relu its output only (its saved
+    result is also the second matmul's input); gelu and silu their input and output; swiglu the
+    first matmul's output (gate and up, 2h), silu(gate) and the product."""
+    return {"relu": hidden, "gelu": 2 * hidden, "silu": 2 * hidden, "swiglu": 4 * hidden}[activation]
+
+
 def _per_token(cfg: ModelConfig) -> tuple[float, float, float]:
     """(attention, MoE FFN, dense FFN) elements kept per token per layer (module docstring)."""
     d, moe = cfg.d_model, cfg.moe
     inner = cfg.n_heads * cfg.attn_head_dim
-    h1 = w1_columns(moe.expert_hidden, moe.activation)
     attention = 2 * d + 7 * inner
-    moe_ffn = 2 * d + moe.top_k * (3 * d + h1 + moe.expert_hidden) + 3 * moe.num_experts
-    dense_h = moe.top_k * moe.expert_hidden
-    dense_ffn = 2 * d + w1_columns(dense_h, moe.activation) + dense_h + d
+    moe_ffn = 2 * d + moe.top_k * (2 * d + _kept_hidden(moe.expert_hidden, moe.activation)) + 3 * moe.num_experts
+    dense_ffn = 2 * d + _kept_hidden(moe.top_k * moe.expert_hidden, moe.activation)
     return attention, moe_ffn, dense_ffn
 
 
 def activation_bytes(cfg: ModelConfig, tokens: int, checkpointing: str = "none", compete: bool = False,
-                     dtype_bytes: float = 4.0, every: int = 1) -> float:
+                     dtype_bytes: float = 4.0, every: int = 1, ep: int = 1, exchange: str = "tokens") -> float:
     """Peak bytes autograd holds for one micro-batch of `tokens` tokens (module docstring);
-    `every`: only every k-th block is checkpointed."""
+    `every`: only every k-th block is checkpointed; `ep` and `exchange` (tokens or weights): how
+    a competing layer meets the experts of other ranks."""
     if checkpointing not in CHECKPOINTING:
         raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, got {checkpointing!r}")
+    if exchange not in ("tokens", "weights"):
+        raise ValueError(f"exchange must be tokens or weights, got {exchange!r}")
     attention, moe_ffn, dense_ffn = _per_token(cfg)
-    d, E = cfg.d_model, cfg.moe.num_experts
+    d, moe = cfg.d_model, cfg.moe
+    h1 = w1_columns(moe.expert_hidden, moe.activation)
+    compete_ffn, gathered = 0.0, 0.0
+    if compete:
+        compete_ffn = 4 * moe.num_experts + moe.top_k * d + (ep * d if ep > 1 and exchange == "tokens" else 0)
+        if ep > 1 and exchange == "weights":
+            gathered = moe.num_experts * (d * h1 + moe.expert_hidden * d) * dtype_bytes
     kept, recompute = 0.0, 0.0
     for layer in range(cfg.n_layers):
-        ffn = moe_ffn if cfg.is_moe_layer(layer) else dense_ffn
-        if compete and cfg.is_moe_layer(layer):
-            ffn += 4 * E
+        if cfg.is_moe_layer(layer):
+            ffn = tokens * (moe_ffn + compete_ffn) * dtype_bytes + gathered
+        else:
+            ffn = tokens * dense_ffn * dtype_bytes
+        attn, block_input = tokens * attention * dtype_bytes, tokens * d * dtype_bytes
         choice = checkpointing if layer % every == 0 else "none"  # blocks 0, k, 2k, ... (parallel/activation.py)
-        parts = {"none": (attention + ffn, 0.0), "full": (d, attention + ffn),
-                 "attn": (d + ffn, attention), "ffn": (attention + d, ffn)}[choice]
+        parts = {"none": (attn + ffn, 0.0), "full": (block_input, attn + ffn),
+                 "attn": (block_input + ffn, attn), "ffn": (attn + block_input, ffn)}[choice]
         kept += parts[0]
         recompute = max(recompute, parts[1])
-    per_token = kept + recompute + 2 * cfg.vocab_size
+    # the final norm's input and output, and the loss's fp32 log-probabilities
+    output = tokens * (2 * d * dtype_bytes + cfg.vocab_size * 4)
     chunk = 0.0
     if compete:  # one chunk of experts' outputs, recomputed in the backward (bounded by the backend)
-        per_expert = tokens * (w1_columns(cfg.moe.expert_hidden, cfg.moe.activation) + d) * 4
-        chunk = min(SCORE_CHUNK_BYTES, per_expert * E)
-    return tokens * per_token * dtype_bytes + chunk
+        per_expert = tokens * (h1 + d) * 4
+        chunk = min(SCORE_CHUNK_BYTES, per_expert * moe.num_experts)
+    return kept + recompute + output + chunk
 
 
-def predict(cfg: ModelConfig, layout: Layout, tokens: int, checkpointing: str = "none", compete: bool = False,
-            dtype_bytes: float = 4.0, counts: Optional[ParamCounts] = None) -> dict[str, float]:
-    """Every term (bytes) of one rank's training memory, and their sum `total`."""
-    counts = counts or param_counts(cfg)
-    out = state_bytes(counts, layout)
-    out["activations"] = activation_bytes(cfg, tokens, checkpointing, compete, dtype_bytes)
-    out["total"] = sum(out.values())
-    return out
+def exchange_for(cfg: ModelConfig, tokens: float, ep: int, dtype_bytes: float = 4.0, policy=None) -> str:
+    """The exchange a competing layer of `tokens` tokens per rank takes under expert parallelism:
+    parallel.competition_exchange's policy (competesmoe/parallel/exchange.py), `auto` by default."""
+    if ep == 1:
+        return "tokens"
+    from competesmoe.parallel.exchange import ExchangePolicy, ExchangeShape
+
+    moe = cfg.moe
+    shape = ExchangeShape(tokens=tokens, d_model=cfg.d_model, num_experts=moe.num_experts, top_k=moe.top_k,
+                          w1_cols=w1_columns(moe.expert_hidden, moe.activation), hidden=moe.expert_hidden, ep=ep,
+                          act_itemsize=dtype_bytes, weight_itemsize=dtype_bytes, grad_itemsize=4)
+    return (policy or ExchangePolicy()).choose(shape)
 
 
 def checkpoint_save_bytes(counts: ParamCounts, layout: Layout, rank: int = 0) -> float:
@@ -189,8 +221,10 @@ def best_fit(name: str, cfg: ModelConfig, seq_len: int, gpus: int, checkpointing
     for ep in [e for e in range(1, gpus + 1) if gpus % e == 0 and cfg.moe.num_experts % e == 0]:
         state = sum(state_bytes(counts, Layout(gpus, ep, zero_stage)).values())
 
-        def act(micro: int) -> float:
-            return activation_bytes(cfg, micro * seq_len, checkpointing, compete, 2.0)
+        def act(micro: int, ep: int = ep) -> float:
+            tokens = micro * seq_len
+            return activation_bytes(cfg, tokens, checkpointing, compete, 2.0, ep=ep,
+                                    exchange=exchange_for(cfg, tokens, ep, 2.0))
 
         micro = 0
         while micro < max_micro and state + act(micro + 1) <= budget:

@@ -33,7 +33,15 @@ from typing import Optional
 import torch
 
 from competesmoe.config import load_config, to_dict
-from competesmoe.profiling.memory import Layout, activation_bytes, checkpoint_save_bytes, param_counts, state_bytes
+from competesmoe.parallel.exchange import ExchangePolicy
+from competesmoe.profiling.memory import (
+    Layout,
+    activation_bytes,
+    checkpoint_save_bytes,
+    exchange_for,
+    param_counts,
+    state_bytes,
+)
 from competesmoe.train.checkpoint import Checkpointer, CheckpointReader
 
 
@@ -158,12 +166,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                 with Peak() as comp:
                     times.append(step(True))
                 growth = max(growth, comp.growth)
-            act_c = activation_bytes(mc, micro_tokens, checkpointing, True, 4.0, every)
+            exchange = exchange_for(mc, micro_tokens, mesh.ep, 4.0, ExchangePolicy.from_config(cfg.parallel))
+            act_c = activation_bytes(mc, micro_tokens, checkpointing, True, 4.0, every, mesh.ep, exchange)
             forward_growth = forward_only(True)
             report["compete_step"] = {
                 "seconds": round(sum(times) / len(times), 3), "peak_growth_mib": _mib(growth),
                 "predicted_mib": _mib(act_c + (predicted_state["gradients"] if cfg.parallel.zero_stage == 0 else 0)),
-                "activations_mib": _mib(forward_growth), "activations_predicted_mib": _mib(act_c)}
+                "activations_mib": _mib(forward_growth), "activations_predicted_mib": _mib(act_c),
+                "exchange": exchange}
 
     if "ckpt" in args.phases:
         root = args.ckpt_dir or args.out / "ckpt"

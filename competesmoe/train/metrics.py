@@ -48,6 +48,7 @@ class RoutingLog:
         self.n_layers = n_layers
         self.load: list[Optional[torch.Tensor]] = [None] * n_layers
         self.competed = [0] * n_layers
+        self.weight_exchanges = [0] * n_layers  # competing forwards that gathered the experts' weights
         self.forwards = 0
         self.comp: list[dict[str, list[torch.Tensor]]] = [{k: [] for k in _COMPETITION_STATS} for _ in range(n_layers)]
         self.competition_flops = 0.0
@@ -58,6 +59,7 @@ class RoutingLog:
             self.load[i] = s.load if self.load[i] is None else self.load[i] + s.load
             if s.competed:
                 self.competed[i] += 1
+                self.weight_exchanges[i] += s.exchange == "weights"
                 for key in _COMPETITION_STATS:
                     self.comp[i][key].append(getattr(s, key))
                 self.competition_flops += s.competition_flops
@@ -75,18 +77,23 @@ class RoutingLog:
             return [torch.stack(c[key]).mean().item() if c[key] else None for c in self.comp]
 
         out = {"competed": [c / max(self.forwards, 1) for c in self.competed], "load": frac.tolist(),
-               "load_max_over_mean": (frac.max(-1).values * frac.shape[-1]).tolist()}
+               "load_max_over_mean": (frac.max(-1).values * frac.shape[-1]).tolist(),
+               # the fraction of a layer's competing forwards that took the weight exchange
+               "weight_exchange": [w / c if c else None for w, c in zip(self.weight_exchanges, self.competed)]}
         out.update({key: mean_of(key) for key in _COMPETITION_STATS})
         return out
 
     def state_dict(self) -> dict:
         return {"load": [None if t is None else t.tolist() for t in self.load], "competed": self.competed,
+                "weight_exchanges": self.weight_exchanges,
                 "forwards": self.forwards, "competition_flops": self.competition_flops,
                 "comp": [{k: [v.item() for v in c[k]] for k in _COMPETITION_STATS} for c in self.comp]}
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
         self.load = [None if v is None else torch.tensor(v, dtype=torch.int64, device=device) for v in state["load"]]
         self.competed, self.forwards = list(state["competed"]), state["forwards"]
+        # checkpoints written before the exchange was counted: none of their forwards is known
+        self.weight_exchanges = list(state.get("weight_exchanges", [0] * self.n_layers))
         self.competition_flops = state["competition_flops"]
         self.comp = [{k: [torch.tensor(v, dtype=torch.float32, device=device) for v in c[k]]
                       for k in _COMPETITION_STATS} for c in state["comp"]]

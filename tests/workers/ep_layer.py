@@ -225,8 +225,9 @@ def check_autocast_dtypes(mesh) -> None:
             layer = parallelize(Model(build("competesmoe").float()), mesh,
                                 ParallelConfig(competition_exchange=exchange)).layer
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                _, w1, _ = layer.dispatcher.for_competition(x, layer.experts.w1, layer.experts.w2, K)
+                _, w1, _, name = layer.dispatcher.for_competition(x, layer.experts.w1, layer.experts.w2, K)
                 assert w1.dtype == (torch.bfloat16 if exchange == "weights" else torch.float32), (exchange, w1.dtype)
+                assert name == exchange
                 y, aux, _ = layer(x, compete=True)
             (y.float().pow(2).sum() + aux).backward()
             grads[exchange] = [p.grad for p in (layer.experts.w1, layer.experts.w2)]

@@ -53,6 +53,7 @@ class MoEStats:
     s_entropy: Optional[Tensor] = None  # mean over tokens of H(p^C), the target softmax(s / T)
     agreement: Optional[Tensor] = None  # mean |T^R intersect T^C| / K
     competition_flops: float = 0.0  # matmul FLOPs of the all-expert pass, forward + backward
+    exchange: Optional[str] = None  # how the experts were met: local, tokens or weights (parallel/exchange.py)
 
 
 class FeedForward(nn.Module):
@@ -106,8 +107,9 @@ class MoELayer(nn.Module):
 
         # 1. route
         if competing:
-            dispatcher, w1, w2 = dispatcher.for_competition(tokens, w1, w2, self.top_k)
+            dispatcher, w1, w2, exchange = dispatcher.for_competition(tokens, w1, w2, self.top_k)
             routing, aux, stats = self._compete(tokens, num_seqs, backend, dispatcher, w1, w2)
+            stats.exchange = exchange
         else:
             routing = self.router(tokens)
             if self.training:
