@@ -52,12 +52,14 @@ def test_activation_bytes_per_checkpointing_choice_by_hand():
                       moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=16, activation="relu"))
     attention = 2 * 8 + 7 * 8  # 72
     ffn = 2 * 8 + 2 * (2 * 8 + 16) + 3 * 4  # 92
-    output = 2 * 8 * 4 + 10 * 4  # bytes: final norm in the activation dtype, log-probabilities in fp32
+    output = (2 * 8 + 10) * 4 + 10 * 4  # bytes: final norm and logits in the activation dtype, log-probs in fp32
     want = {"none": 4 * (attention + ffn), "full": 4 * 8 + (attention + ffn),
             "ffn": 4 * (attention + 8) + ffn, "attn": 4 * (8 + ffn) + attention}
     for choice, per_token in want.items():
         assert activation_bytes(cfg, 100, choice) == 100 * (per_token * 4 + output), choice
-    assert activation_bytes(cfg, 100, "none", dtype_bytes=2) == 100 * (want["none"] * 2 + 2 * 8 * 2 + 10 * 4)
+    assert activation_bytes(cfg, 100, "none", dtype_bytes=2) == 100 * (want["none"] * 2 + (2 * 8 + 10) * 2 + 10 * 4)
+    # a forward alone holds no recomputed block
+    assert activation_bytes(cfg, 100, "full", forward_only=True) == 100 * (4 * 8 * 4 + output)
     # every second block checkpointed: blocks 0 and 2, as parallel/activation.py chooses them
     assert activation_bytes(cfg, 100, "full", every=2) == 100 * ((2 * (attention + ffn) + 2 * 8 + attention + ffn)
                                                                  * 4 + output)
@@ -72,6 +74,9 @@ def test_activation_bytes_per_checkpointing_choice_by_hand():
                                                                             * 4 + output) + chunk
     assert activation_bytes(cfg, 100, "none", compete=True, ep=2, exchange="weights") == \
         100 * ((want["none"] + 4 * compete) * 4 + output) + chunk + 4 * 4 * (8 * 16 + 16 * 8) * 4
+    # a step in which only `competing` MoE layers compete (the schedule's cap, competition.a_max)
+    assert activation_bytes(cfg, 100, "none", compete=True, competing=1) == 100 * ((want["none"] + compete) * 4
+                                                                                   + output) + chunk
     # without competition neither the ep size nor the exchange changes anything
     assert activation_bytes(cfg, 100, "none", ep=4, exchange="weights") == activation_bytes(cfg, 100, "none")
 
@@ -81,7 +86,7 @@ def test_hidden_layer_kept_per_activation_by_hand(activation, kept):
     cfg = ModelConfig(vocab_size=10, d_model=8, n_layers=1, n_heads=2,
                       moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=16, activation=activation))
     per_token = 2 * 8 + 7 * 8 + 2 * 8 + 2 * (2 * 8 + kept) + 3 * 4
-    assert activation_bytes(cfg, 10, "none") == 10 * (per_token * 4 + 2 * 8 * 4 + 10 * 4)
+    assert activation_bytes(cfg, 10, "none") == 10 * (per_token * 4 + (2 * 8 + 10) * 4 + 10 * 4)
 
 
 def saved_for_backward(model, tokens, compete: bool) -> int:
@@ -109,8 +114,8 @@ def saved_for_backward(model, tokens, compete: bool) -> int:
 @pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
 @pytest.mark.parametrize("compete", [False, True])
 def test_activation_bytes_match_what_autograd_keeps(activation, compete):
-    """The model's activations (its recomputed chunk aside) are the floating-point tensors autograd
-    saves for the backward, within the index vectors and per-row norm statistics it leaves out."""
+    """The model's activations (the logits and its recomputed chunk aside) are the floating-point
+    tensors autograd saves for the backward, within the per-row norm statistics it leaves out."""
     import torch
 
     from competesmoe.model.transformer import Transformer
@@ -121,7 +126,8 @@ def test_activation_bytes_match_what_autograd_keeps(activation, compete):
     torch.manual_seed(0)
     model = Transformer(cfg).train()
     tokens = torch.randint(0, 256, (4, 65))
-    want = activation_bytes(cfg, 256, "none", compete=compete)
+    # the logits are held by the training step (its `out`), not saved by autograd
+    want = activation_bytes(cfg, 256, "none", compete=compete) - 256 * 256 * 4
     if compete:
         per_expert = 256 * (cfg.moe.expert_hidden * (2 if activation == "swiglu" else 1) + 64) * 4
         want -= per_expert * 8  # the recomputed chunk is transient: autograd keeps none of it

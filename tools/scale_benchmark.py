@@ -460,7 +460,8 @@ MODEL_NOTES = {
             "step (activations, and the gradients at ZeRO-0, which are freed between steps; the model adds both, "
             "while the backward allocates gradients as it frees activations, so this peak is below the sum); "
             "activations: growth during one micro-batch's forward and loss alone, what autograd keeps for the "
-            "backward, against the model's activation bytes. Predicted by the memory model (fp32 activations); "
+            "backward and the logits, against the model's activation bytes without the block a checkpointed "
+            "backward recomputes (forward_only). Predicted by the memory model (fp32 activations); "
             "s/step is the mean of the later steps (rank 0); the largest figure over the ranks otherwise.",
     "ckpt": "Save: Checkpointer.save of the state after one step (weights and Adam moments; rank 0 writes the dense "
             "tensors, each rank of the first expert-parallel group its experts); MiB/s = MiB written by the rank / "
@@ -533,8 +534,10 @@ def run_fits(args: argparse.Namespace) -> int:
     lines = ["# Scaling: what fits per GPU (memory model)", "",
              f"Command: `python {shlex.join(['tools/scale_benchmark.py'] + sys.argv[1:])}`", "",
              f"{args.gpu_gb:g} GB GPUs, 6 GB kept for the CUDA context, fragmentation and collective buffers; "
-             "ZeRO-2, fp32 weights and gradients with bf16 activations (autocast), competition steps counted "
-             "(CompeteSMoE router). For each checkpointing choice, the expert-parallel size that fits the largest "
+             "ZeRO-2, fp32 weights and gradients with bf16 activations (autocast), a competition step counted "
+             "(CompeteSMoE router: competition.a_max = 3 competing layers, with the exchange "
+             "parallel.competition_exchange=auto takes). For each checkpointing choice, the expert-parallel size "
+             "that fits the largest "
              "micro-batch (sequences per forward, capped at 64); 0: the weights, gradients and optimizer state "
              "alone do not fit. No measurement: competesmoe/profiling/memory.py.", "",
              ", ".join(f"{k}: {v.total / 1e9:.2f}B parameters ({v.experts / 1e9:.2f}B in experts)"

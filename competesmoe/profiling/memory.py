@@ -33,7 +33,8 @@ Checkpointing keeps for a recomputed part only its input (d per token), and duri
 one layer's recomputed activations are alive again:
   none  L (A + F)           full  L d + (A + F)
   attn  L (d + F) + A       ffn   L (A + d) + F
-(A attention, F the FFN per token). The output adds the final norm's input and output (2d) and
+(A attention, F the FFN per token). The output adds the final norm's input and output (2d), the
+logits (V: the training step holds them until its backward, autograd does not need them) and
 the loss's log-probabilities, V in fp32 whatever the activation dtype. Under expert parallelism a
 rank's experts receive T K rows on average; the rank that receives most holds more (measured
 1.12x on a competing step of 64 experts at ep 2, the winners not being balanced). The model
@@ -116,10 +117,14 @@ def _per_token(cfg: ModelConfig) -> tuple[float, float, float]:
 
 
 def activation_bytes(cfg: ModelConfig, tokens: int, checkpointing: str = "none", compete: bool = False,
-                     dtype_bytes: float = 4.0, every: int = 1, ep: int = 1, exchange: str = "tokens") -> float:
+                     dtype_bytes: float = 4.0, every: int = 1, ep: int = 1, exchange: str = "tokens",
+                     competing: Optional[int] = None, forward_only: bool = False) -> float:
     """Peak bytes autograd holds for one micro-batch of `tokens` tokens (module docstring);
     `every`: only every k-th block is checkpointed; `ep` and `exchange` (tokens or weights): how
-    a competing layer meets the experts of other ranks."""
+    a competing layer meets the experts of other ranks; `competing`: how many MoE layers compete
+    when `compete` (all by default; the schedule lets at most competition.a_max per step);
+    `forward_only`: what the forward and the loss hold, without the part a checkpointed
+    backward recomputes."""
     if checkpointing not in CHECKPOINTING:
         raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, got {checkpointing!r}")
     if exchange not in ("tokens", "weights"):
@@ -133,9 +138,13 @@ def activation_bytes(cfg: ModelConfig, tokens: int, checkpointing: str = "none",
         if ep > 1 and exchange == "weights":
             gathered = moe.num_experts * (d * h1 + moe.expert_hidden * d) * dtype_bytes
     kept, recompute = 0.0, 0.0
+    left = cfg.n_layers if competing is None else competing  # competing layers still to place
     for layer in range(cfg.n_layers):
         if cfg.is_moe_layer(layer):
-            ffn = tokens * (moe_ffn + compete_ffn) * dtype_bytes + gathered
+            ffn = tokens * moe_ffn * dtype_bytes
+            if left > 0:
+                ffn += tokens * compete_ffn * dtype_bytes + gathered
+                left -= 1
         else:
             ffn = tokens * dense_ffn * dtype_bytes
         attn, block_input = tokens * attention * dtype_bytes, tokens * d * dtype_bytes
@@ -144,13 +153,14 @@ def activation_bytes(cfg: ModelConfig, tokens: int, checkpointing: str = "none",
                  "attn": (block_input + ffn, attn), "ffn": (attn + block_input, ffn)}[choice]
         kept += parts[0]
         recompute = max(recompute, parts[1])
-    # the final norm's input and output, and the loss's fp32 log-probabilities
-    output = tokens * (2 * d * dtype_bytes + cfg.vocab_size * 4)
+    # the final norm's input and output, the logits (held by the training step through the
+    # backward) and the loss's fp32 log-probabilities
+    output = tokens * ((2 * d + cfg.vocab_size) * dtype_bytes + cfg.vocab_size * 4)
     chunk = 0.0
     if compete:  # one chunk of experts' outputs, recomputed in the backward (bounded by the backend)
         per_expert = tokens * (h1 + d) * 4
         chunk = min(SCORE_CHUNK_BYTES, per_expert * moe.num_experts)
-    return kept + recompute + output + chunk
+    return kept + (0.0 if forward_only else recompute) + output + chunk
 
 
 def exchange_for(cfg: ModelConfig, tokens: float, ep: int, dtype_bytes: float = 4.0, policy=None) -> str:
@@ -212,9 +222,10 @@ class Fit:
 def best_fit(name: str, cfg: ModelConfig, seq_len: int, gpus: int, checkpointing: str, gpu_gb: float = 80.0,
              reserve_gb: float = 6.0, zero_stage: int = 2, compete: bool = True, max_micro: int = 64) -> Fit:
     """For one checkpointing choice, the EP size (dividing both the experts and the GPUs) that fits
-    the largest micro-batch per GPU, the smallest EP size among equals; bf16 activations,
-    competition steps counted. Where nothing fits, the layout with the least memory (micro-batch
-    0). `reserve_gb` is kept for the CUDA context, allocator fragmentation and collective buffers."""
+    the largest micro-batch per GPU, the smallest EP size among equals; bf16 activations, a
+    competition step counted (competition.a_max competing layers, with the exchange `auto`
+    takes). Where nothing fits, the layout with the least memory (micro-batch 0). `reserve_gb`
+    is kept for the CUDA context, allocator fragmentation and collective buffers."""
     counts = param_counts(cfg)
     budget = (gpu_gb - reserve_gb) * GB
     best: Optional[Fit] = None
@@ -224,7 +235,8 @@ def best_fit(name: str, cfg: ModelConfig, seq_len: int, gpus: int, checkpointing
         def act(micro: int, ep: int = ep) -> float:
             tokens = micro * seq_len
             return activation_bytes(cfg, tokens, checkpointing, compete, 2.0, ep=ep,
-                                    exchange=exchange_for(cfg, tokens, ep, 2.0))
+                                    exchange=exchange_for(cfg, tokens, ep, 2.0),
+                                    competing=cfg.moe.competition.a_max)
 
         micro = 0
         while micro < max_micro and state + act(micro + 1) <= budget:

@@ -12,7 +12,8 @@ Phases, in order, each measured on its own:
          peak RSS growth of the first step above the built model (gradients, optimizer state,
          activations) and of a later step above the RSS before it (activations and gradients,
          the latter allocated while the former are freed), and of one micro-batch's forward and
-         loss alone (the activations autograd keeps: what the memory model's activation bytes are)
+         loss alone (what autograd keeps, the logits and the forward's transients: the memory
+         model's activation bytes without what a checkpointed backward recomputes)
   ckpt   Checkpointer.save then Checkpointer.load of the same state: seconds, bytes this rank
          wrote, peak RSS growth of each
 Peak RSS is the kernel's high-water mark (VmHWM), reset before each phase (/proc/self/clear_refs),
@@ -150,6 +151,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 steady["seconds"].append(step(False))
             steady["growth"] = max(steady["growth"], later.growth)
         act = activation_bytes(mc, micro_tokens, checkpointing, False, 4.0, every)
+        act_forward = activation_bytes(mc, micro_tokens, checkpointing, False, 4.0, every, forward_only=True)
         forward_growth = forward_only(False)
         grads_opt = predicted_state["gradients"] + predicted_state["optimizer"]
         report["step"] = {
@@ -159,7 +161,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             "peak_growth_mib": _mib(steady["growth"]) if steady["seconds"] else None,
             # the gradients are freed between steps (zero_grad(set_to_none)) at ZeRO-0
             "predicted_mib": _mib(act + (predicted_state["gradients"] if cfg.parallel.zero_stage == 0 else 0)),
-            "activations_mib": _mib(forward_growth), "activations_predicted_mib": _mib(act)}
+            "activations_mib": _mib(forward_growth), "activations_predicted_mib": _mib(act_forward)}
         if args.compete_steps and mc.moe.has_competition:
             times, growth = [], 0
             for _ in range(args.compete_steps):
@@ -168,11 +170,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                 growth = max(growth, comp.growth)
             exchange = exchange_for(mc, micro_tokens, mesh.ep, 4.0, ExchangePolicy.from_config(cfg.parallel))
             act_c = activation_bytes(mc, micro_tokens, checkpointing, True, 4.0, every, mesh.ep, exchange)
+            act_c_forward = activation_bytes(mc, micro_tokens, checkpointing, True, 4.0, every, mesh.ep, exchange,
+                                             forward_only=True)
             forward_growth = forward_only(True)
             report["compete_step"] = {
                 "seconds": round(sum(times) / len(times), 3), "peak_growth_mib": _mib(growth),
                 "predicted_mib": _mib(act_c + (predicted_state["gradients"] if cfg.parallel.zero_stage == 0 else 0)),
-                "activations_mib": _mib(forward_growth), "activations_predicted_mib": _mib(act_c),
+                "activations_mib": _mib(forward_growth), "activations_predicted_mib": _mib(act_c_forward),
                 "exchange": exchange}
 
     if "ckpt" in args.phases:
