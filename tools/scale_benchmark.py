@@ -539,9 +539,8 @@ def run_fits(args: argparse.Namespace) -> int:
              "ZeRO-2, fp32 weights and gradients with bf16 activations (autocast), a competition step counted "
              "(CompeteSMoE router: competition.a_max = 3 competing layers, with the exchange "
              "parallel.competition_exchange=auto takes). For each checkpointing choice, the expert-parallel size "
-             "that fits the largest "
-             "micro-batch (sequences per forward, capped at 64); 0: the weights, gradients and optimizer state "
-             "alone do not fit. No measurement: competesmoe/profiling/memory.py.", "",
+             "that fits the largest micro-batch (sequences per forward, capped at 64); 0: the weights, "
+             "gradients and optimizer state alone do not fit. No measurement: competesmoe/profiling/memory.py.", "",
              ", ".join(f"{k}: {v.total / 1e9:.2f}B parameters ({v.experts / 1e9:.2f}B in experts)"
                        for k, v in counts.items()), "",
              "| model | GPUs | checkpointing | EP | micro-batch | seq | state GB | activations GB | total GB |",

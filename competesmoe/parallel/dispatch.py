@@ -36,7 +36,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from competesmoe.model.moe.dispatch import Dispatched, LocalDispatcher, permute_rows, sort_by_expert, unpermute_rows
+from competesmoe.model.moe.dispatch import (
+    Dispatched,
+    LocalDispatcher,
+    inverse_permutation,
+    permute_rows,
+    sort_by_expert,
+)
 from competesmoe.parallel.exchange import ExchangePolicy, ExchangeShape
 
 
@@ -124,13 +130,15 @@ class AllToAllDispatcher:
         expert_of_row = torch.repeat_interleave(torch.arange(self.local).repeat(self.ep), recv_matrix.reshape(-1))
         regroup = torch.argsort(expert_of_row, stable=True).to(x.device)
         offsets = recv_matrix.sum(0).cumsum(0).to(torch.int32).to(x.device)
-        return Dispatched(permute_rows(rows, regroup), offsets, order, x.shape[0], top_k,
-                          exchange=(send, recv, regroup))
+        by_source = inverse_permutation(regroup)  # used again by combine
+        return Dispatched(permute_rows(rows, regroup, by_source), offsets, order, x.shape[0], top_k,
+                          exchange=(send, recv, regroup, by_source))
 
     def combine(self, y: Tensor, dispatched: Dispatched) -> Tensor:
-        send, recv, regroup = dispatched.exchange
-        back = all_to_all(unpermute_rows(y, regroup), send, recv, self.group)
-        return unpermute_rows(back, dispatched.order).view(dispatched.num_tokens, dispatched.top_k, -1)
+        send, recv, regroup, by_source = dispatched.exchange
+        back = all_to_all(permute_rows(y, by_source, regroup), send, recv, self.group)
+        order = dispatched.order
+        return permute_rows(back, inverse_permutation(order), order).view(dispatched.num_tokens, dispatched.top_k, -1)
 
     def for_competition(self, x: Tensor, w1: Tensor, w2: Tensor, top_k: int):
         """The dispatcher and expert weights a competing forward runs with, and the exchange's

@@ -55,14 +55,10 @@ def inverse_permutation(perm: Tensor) -> Tensor:
     return inverse
 
 
-def permute_rows(x: Tensor, perm: Tensor) -> Tensor:
-    """x[perm] for a permutation of x's rows, with a gather as its gradient."""
-    return _PermuteRows.apply(x, perm, inverse_permutation(perm))
-
-
-def unpermute_rows(y: Tensor, perm: Tensor) -> Tensor:
-    """The rows of y put back where `perm` took them from: out[perm[i]] = y[i]."""
-    return _PermuteRows.apply(y, inverse_permutation(perm), perm)
+def permute_rows(x: Tensor, perm: Tensor, inverse: Tensor) -> Tensor:
+    """x[perm] for a permutation of x's rows and its inverse (inverse_permutation), with a gather
+    as its gradient; permute_rows(y, inverse, perm) puts the rows back: out[perm[i]] = y[i]."""
+    return _PermuteRows.apply(x, perm, inverse)
 
 
 def sort_by_expert(indices: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
@@ -81,7 +77,8 @@ class LocalDispatcher:
         return Dispatched(x[order // top_k], counts.cumsum(0).to(torch.int32), order, x.shape[0], top_k)
 
     def combine(self, y: Tensor, dispatched: Dispatched) -> Tensor:
-        return unpermute_rows(y, dispatched.order).view(dispatched.num_tokens, dispatched.top_k, -1)
+        order = dispatched.order
+        return permute_rows(y, inverse_permutation(order), order).view(dispatched.num_tokens, dispatched.top_k, -1)
 
     def scores(self, x: Tensor, score_fn: Callable[[Tensor], Tensor]) -> Tensor:
         return score_fn(x)
